@@ -1,0 +1,163 @@
+"""One server-side representation of a LoRA adapter, and its exact conversion to and from PEFT state dicts.
+
+Per target module we keep the factors ``A (r × d_in)`` and ``B (d_out × r)`` and ``alpha``; the update the module
+adds to its frozen weight is ``ΔW = s·B·A`` with ``s = alpha / r`` (algorithms.md §0.3).  Task-head tensors (for
+example a sequence classifier trained through PEFT's ``modules_to_save``) travel beside the factors.
+
+*Flat keys* are PEFT's adapter state-dict keys without the ``base_model.model.`` prefix:
+``bert.encoder.layer.0.attention.self.query.lora_A.weight`` and ``classifier.weight``.  They are the names used on
+the wire and by every method.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from fedlora.errors import UpdateError
+
+PEFT_PREFIX = "base_model.model."
+A_SUFFIX = ".lora_A.weight"
+B_SUFFIX = ".lora_B.weight"
+
+ROLE_A = "lora_A"
+ROLE_B = "lora_B"
+ROLE_HEAD = "head"
+ROLES = (ROLE_A, ROLE_B, ROLE_HEAD)
+
+
+def role_of(key: str) -> str:
+    """The role of a flat key: ``lora_A``, ``lora_B`` or ``head``."""
+    if key.endswith(A_SUFFIX):
+        return ROLE_A
+    if key.endswith(B_SUFFIX):
+        return ROLE_B
+    return ROLE_HEAD
+
+
+def module_of(key: str) -> str:
+    for suffix in (A_SUFFIX, B_SUFFIX):
+        if key.endswith(suffix):
+            return key[: -len(suffix)]
+    raise KeyError(f"{key} is not a LoRA factor key")
+
+
+@dataclass
+class LoraModule:
+    """The LoRA factors of one target module: ``ΔW = (alpha / r) · B @ A``."""
+
+    A: Tensor
+    B: Tensor
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta(self) -> Tensor:
+        return self.scale * (self.B @ self.A)
+
+
+@dataclass
+class Adapter:
+    """A LoRA adapter: factors per target module plus task-head tensors, keyed by module path."""
+
+    modules: dict[str, LoraModule]
+    head: dict[str, Tensor] = field(default_factory=dict)
+
+    # ---------------------------------------------------------------- flat tensors (the wire representation)
+    def to_flat(self, roles: tuple[str, ...] | frozenset[str] = ROLES) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for name, m in self.modules.items():
+            if ROLE_A in roles:
+                out[name + A_SUFFIX] = m.A
+            if ROLE_B in roles:
+                out[name + B_SUFFIX] = m.B
+        if ROLE_HEAD in roles:
+            out.update(self.head)
+        return out
+
+    def with_tensors(self, flat: dict[str, Tensor]) -> "Adapter":
+        """A copy where the given flat tensors replace ours; every key must exist with the same shape."""
+        new = self.clone()
+        for key, value in flat.items():
+            role = role_of(key)
+            if role == ROLE_HEAD:
+                if key not in new.head:
+                    raise UpdateError(f"unexpected head tensor {key!r}")
+                _check_shape(key, new.head[key], value)
+                new.head[key] = value.clone()
+                continue
+            name = module_of(key)
+            if name not in new.modules:
+                raise UpdateError(f"unexpected LoRA tensor {key!r}: no such target module")
+            m = new.modules[name]
+            attr = "A" if role == ROLE_A else "B"
+            _check_shape(key, getattr(m, attr), value)
+            setattr(m, attr, value.clone())
+        return new
+
+    def clone(self) -> "Adapter":
+        return Adapter({n: LoraModule(m.A.clone(), m.B.clone(), m.alpha) for n, m in self.modules.items()},
+                       {k: v.clone() for k, v in self.head.items()})
+
+    # ---------------------------------------------------------------- PEFT state dicts
+    def to_peft_state_dict(self) -> dict[str, Tensor]:
+        """Keys as ``peft.get_peft_model_state_dict`` returns them (adapter name stripped)."""
+        return {PEFT_PREFIX + k: v for k, v in self.to_flat().items()}
+
+    @classmethod
+    def from_peft_state_dict(cls, state_dict: dict[str, Tensor], alphas: dict[str, float] | float) -> "Adapter":
+        """Inverse of :meth:`to_peft_state_dict`. ``alphas`` gives alpha per module (or one value for all)."""
+        flat = {(k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k): v for k, v in state_dict.items()}
+        names = sorted({module_of(k) for k in flat if role_of(k) != ROLE_HEAD})
+        modules = {}
+        for name in names:
+            a, b = flat.get(name + A_SUFFIX), flat.get(name + B_SUFFIX)
+            if a is None or b is None:
+                raise UpdateError(f"module {name!r} lacks its {'lora_A' if a is None else 'lora_B'} tensor")
+            if a.shape[0] != b.shape[1]:
+                raise UpdateError(f"module {name!r}: A has rank {a.shape[0]} but B has rank {b.shape[1]}")
+            alpha = alphas if isinstance(alphas, (int, float)) else alphas[name]
+            modules[name] = LoraModule(a.clone(), b.clone(), float(alpha))
+        head = {k: v.clone() for k, v in flat.items() if role_of(k) == ROLE_HEAD}
+        return cls(modules, head)
+
+    # ---------------------------------------------------------------- counts
+    def num_parameters(self, roles: tuple[str, ...] | frozenset[str] = ROLES) -> int:
+        return sum(t.numel() for t in self.to_flat(roles).values())
+
+    def num_bytes(self, roles: tuple[str, ...] | frozenset[str] = ROLES) -> int:
+        """Raw tensor bytes (no container overhead); the wire counts serialised bytes, see :mod:`fedlora.wire`."""
+        return sum(t.numel() * t.element_size() for t in self.to_flat(roles).values())
+
+
+def _check_shape(key: str, ours: Tensor, theirs: Tensor) -> None:
+    if tuple(ours.shape) != tuple(theirs.shape):
+        raise UpdateError(f"tensor {key!r} has shape {tuple(theirs.shape)}, expected {tuple(ours.shape)}")
+
+
+def seeded_lora_A(module_name: str, rank: int, d_in: int, seed: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """PEFT's default LoRA-A init (Kaiming-uniform, a=√5 ⇒ U(−1/√d_in, 1/√d_in)), drawn from a generator seeded by
+    ``(seed, module_name)``, so every client regenerates the identical A without it being sent (FFA-LoRA §1.2 step 1).
+    """
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{module_name}".encode()) + 1_000_003 * seed)
+    bound = 1.0 / math.sqrt(d_in)
+    return (torch.rand(rank, d_in, generator=gen, dtype=torch.float64) * 2 - 1).mul_(bound).to(dtype)
+
+
+def initial_adapter(shapes: dict[str, tuple[int, int]], rank: int, alpha: float, seed: int,
+                    head: dict[str, Tensor] | None = None) -> Adapter:
+    """Round-0 adapter: seeded A, B = 0 for each module ``name -> (d_out, d_in)``."""
+    modules = {
+        name: LoraModule(seeded_lora_A(name, rank, d_in, seed), torch.zeros(d_out, rank), float(alpha))
+        for name, (d_out, d_in) in shapes.items()
+    }
+    return Adapter(modules, {k: v.clone() for k, v in (head or {}).items()})

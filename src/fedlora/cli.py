@@ -1,0 +1,97 @@
+"""Command line: a thin layer over the public API.
+
+    fedlora run [--config FILE] [--set KEY=VALUE ...] [--out DIR]
+    fedlora info
+
+Bad input exits with status 2 and a one-paragraph message on stderr (no traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _offline_defaults() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    import warnings
+
+    # Known-harmless warnings of the pinned stack (feasibility.md §6): keep the console readable.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="Secure RNG turned off")
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fedlora", description="Federated fine-tuning with LoRA adapters.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run one federated experiment (defaults: FFA-LoRA, MiniLM, SST-2, offline)")
+    run.add_argument("--config", help="TOML config file (see examples/)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key, e.g. --set lora.rank=4 (repeatable)")
+    run.add_argument("--out", help="run directory (default: runs/<time>-<method>)")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    info = sub.add_parser("info", help="list methods, models, data, partitioners and config keys")
+    info.add_argument("--config-keys", action="store_true", help="also list every config key with its help")
+    return ap
+
+
+def _cmd_run(args) -> int:
+    from fedlora.config import load_config, to_toml
+    from fedlora.engine.simulation import run_experiment
+
+    cfg = load_config(args.config, args.overrides)
+    print("# resolved configuration\n" + to_toml(cfg), flush=True)
+    run_experiment(cfg, out_dir=args.out, progress=not args.quiet)
+    return 0
+
+
+def _cmd_info(args) -> int:
+    from fedlora.config import describe
+    from fedlora.data.sources import BUNDLED
+    from fedlora.methods import method_summaries
+    from fedlora.models import BUNDLED_MODELS, resolve_model_path
+
+    print("methods:")
+    for name, summary in method_summaries().items():
+        print(f"  {name:<8} {summary}")
+    print("models (bundled, offline):")
+    for alias, (_, desc) in BUNDLED_MODELS.items():
+        try:
+            where = resolve_model_path(alias)
+        except Exception as exc:  # not installed: say how to get it
+            where = f"not installed ({exc})"
+        print(f"  {alias:<8} {desc}\n           {where}")
+    print("  or any Hugging Face model id / local directory (model.name)")
+    print("data (bundled):")
+    for name in BUNDLED:
+        print(f"  bundled:{name}")
+    print("  or a local .jsonl/.json/.csv/.tsv/.parquet file (optionally .gz), or hf:DATASET_ID[:CONFIG]:SPLIT")
+    print("partitioners: iid, dirichlet (clients.dirichlet_alpha), label_skew (FFA-LoRA's fixed proportions)")
+    print("optimisers: adamw, sgd;  DP-SGD: [dp] enabled = true (Opacus, RDP accounting)")
+    if args.config_keys:
+        print("config keys:")
+        for key, default, help_ in describe():
+            print(f"  {key} = {default!r}\n      {help_}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    _offline_defaults()
+    args = _parser().parse_args(argv)
+    from fedlora.errors import FedloraError
+
+    try:
+        return {"run": _cmd_run, "info": _cmd_info}[args.command](args)
+    except FedloraError as exc:
+        print(f"fedlora: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedlora: interrupted; metrics of completed rounds are in the run directory", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

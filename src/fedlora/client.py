@@ -1,0 +1,133 @@
+"""Local training of one client for one round: trainable set, optimiser, optional DP-SGD; returns an Update.
+
+Only the parameters whose role is in ``plan.train`` require gradients and only they are given to the optimiser
+(FFA-LoRA oracle O5).  Under DP the model is wrapped, for this client only, in Opacus' ``GradSampleModule`` and the
+optimiser in ``DPOptimizer`` ("wrap, don't replace"); the hooks are removed before the next client.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from fedlora.adapters import Adapter
+from fedlora.data.tasks import Examples
+from fedlora.methods.base import ClientPlan, Update
+from fedlora.methods.ffa import a_checksum
+from fedlora.models import LoraSlots
+from fedlora.privacy import ClientAccountant, ClientPrivacy
+
+LossFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]
+
+
+def steps_per_round(train_cfg, num_examples: int) -> int:
+    """Optimiser steps a client takes per round: ``local_steps``, or ``ceil(local_epochs · n / batch_size)``."""
+    if train_cfg.local_epochs > 0:
+        return max(1, math.ceil(train_cfg.local_epochs * num_examples / train_cfg.batch_size))
+    return train_cfg.local_steps
+
+
+def make_optimizer(params: list[nn.Parameter], train_cfg) -> torch.optim.Optimizer:
+    if train_cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=train_cfg.lr, momentum=train_cfg.momentum,
+                               weight_decay=train_cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+
+
+def client_seed(seed: int, round_idx: int, client_id: int) -> int:
+    return int(np.random.SeedSequence([seed, round_idx, client_id]).generate_state(1)[0])
+
+
+class _Sampler:
+    """Batches of row indices: shuffled passes without replacement, or Poisson samples with rate q under DP."""
+
+    def __init__(self, n: int, batch_size: int, rng: np.random.Generator, poisson_rate: float | None):
+        self.n, self.batch_size, self.rng, self.q = n, batch_size, rng, poisson_rate
+        self._perm: np.ndarray = np.empty(0, dtype=int)
+
+    def next(self) -> np.ndarray:
+        if self.q is not None:
+            return np.flatnonzero(self.rng.random(self.n) < self.q)
+        if len(self._perm) < self.batch_size:
+            self._perm = np.concatenate([self._perm, self.rng.permutation(self.n)])
+        out, self._perm = self._perm[: self.batch_size], self._perm[self.batch_size:]
+        return out
+
+
+def train_client(*, model: nn.Module, slots: LoraSlots, initial: Adapter, plan: ClientPlan, examples: Examples,
+                 loss_fn: LossFn, train_cfg, round_idx: int, seed: int,
+                 privacy: ClientPrivacy | None = None, accountant: ClientAccountant | None = None,
+                 secure_rng: bool = False) -> Update:
+    """Run one client's local work and return what it uploads (``plan.upload`` roles only)."""
+    local = initial.with_tensors(plan.download)
+    slots.load(local)
+    params = slots.set_trainable(plan.train)
+    if not params:
+        raise ValueError(f"client {plan.client_id}: the plan trains nothing (roles {sorted(plan.train)})")
+    s = client_seed(seed, round_idx, plan.client_id)
+    torch.manual_seed(s)  # dropout
+    rng = np.random.default_rng(s)
+    n = len(examples)
+    steps = privacy.steps_per_round if privacy is not None else steps_per_round(train_cfg, n)
+    sampler = _Sampler(n, train_cfg.batch_size, rng, privacy.sample_rate if privacy is not None else None)
+    micro = train_cfg.batch_size // train_cfg.grad_accum
+
+    optimizer = make_optimizer(params, train_cfg)
+    forward_model: nn.Module = model
+    gsm = None
+    if privacy is not None:
+        from opacus.grad_sample import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+
+        gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
+        forward_model = gsm
+        noise_gen = None if secure_rng else torch.Generator().manual_seed(s + 1)
+        optimizer = DPOptimizer(optimizer, noise_multiplier=privacy.noise_multiplier, max_grad_norm=privacy.clip,
+                                expected_batch_size=train_cfg.batch_size, loss_reduction="mean",
+                                generator=noise_gen, secure_mode=secure_rng)
+    model.train()
+    losses: list[float] = []
+    empty_batches = 0
+    try:
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            idx = sampler.next()
+            batch_loss = 0.0
+            for start in range(0, len(idx), micro):
+                chunk = idx[start:start + micro]
+                loss = loss_fn(forward_model, examples.batch(chunk))
+                weight = 1.0 if privacy is not None else len(chunk) / len(idx)
+                # Under DP the GradSampleModule turns each chunk's mean loss into exact per-example gradients.
+                (loss * weight).backward()
+                batch_loss += float(loss.detach()) * len(chunk)
+            if privacy is not None:
+                if len(idx) == 0:  # an empty Poisson batch still takes a noise-only step
+                    empty_batches += 1
+                    for p in params:
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                else:  # several micro-batches: one logical batch for Opacus' averaging
+                    for p in params:
+                        if isinstance(p.grad_sample, list):
+                            p.grad_sample = torch.cat(p.grad_sample, dim=0)
+                optimizer.step()
+                if accountant is not None:
+                    accountant.step(plan.client_id, privacy.noise_multiplier, privacy.sample_rate)
+            else:
+                optimizer.step()
+            if len(idx):
+                losses.append(batch_loss / len(idx))
+    finally:
+        if gsm is not None:
+            gsm._close()
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+    trained = slots.read()
+    metrics = {"loss": float(np.mean(losses)) if losses else float("nan"), "steps": float(steps),
+               "a_checksum": float(a_checksum(trained)), "empty_batches": float(empty_batches)}
+    if privacy is not None and accountant is not None:
+        metrics["epsilon"] = accountant.epsilon(plan.client_id, privacy.delta)
+    return Update(plan.client_id, n, trained.to_flat(plan.upload), metrics)

@@ -1,0 +1,347 @@
+"""Typed experiment configuration: TOML file + ``--set key=value`` overrides, validated at the door.
+
+Every field carries ``help`` metadata (shown by ``fedlora info --config``) and the resolved configuration is written
+to each run directory as ``config.toml``, so a run describes itself.  Validation happens before any data or model is
+loaded; each error names the key, the value and what would be valid::
+
+    >>> cfg = load_config(None, ["lora.rank=4", "rounds=2"])
+    >>> cfg.lora.rank, cfg.rounds
+    (4, 2)
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+from fedlora.errors import ConfigError
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("minilm", "Base model: a bundled alias ('minilm'), a Hugging Face model id, or a local directory.")
+    max_length: int = _f(64, "Maximum number of tokens per example (longer inputs are truncated).")
+    threads: int = _f(0, "torch CPU threads (0 = leave torch's default).")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = _f(8, "LoRA rank r.")
+    alpha: float = _f(16.0, "LoRA alpha; the scaling is s = alpha / rank (algorithms.md §1.5 P2).")
+    dropout: float = _f(0.0, "Dropout on the LoRA input.")
+    target_modules: list = _f(["query", "value"], "Names (suffixes) of the linear modules that get LoRA.")
+    head: str = _f("aggregate", "Task head: 'aggregate' (trained and averaged) or 'frozen' (kept at its seeded init).",
+                   choices=("aggregate", "frozen"))
+
+
+@dataclass
+class DataConfig:
+    train: str = _f("bundled:sst2/train", "Training data: 'bundled:NAME/SPLIT', a .jsonl/.jsonl.gz/.csv/.parquet "
+                    "file, or 'hf:DATASET_ID[:CONFIG]:SPLIT' (needs a network).")
+    validation: str = _f("bundled:sst2/validation", "Validation data (server-side evaluation), same forms as train.")
+    text_column: str = _f("sentence", "Column with the input text.")
+    text_pair_column: str = _f("", "Second text column for sentence-pair tasks ('' for single-sentence tasks).")
+    label_column: str = _f("label", "Column with the class label (int or string).")
+    labels: list = _f([], "Class labels in order; [] infers the sorted distinct training labels.")
+    max_train_examples: int = _f(0, "Use a seeded random subset of this many training rows (0 = all).")
+    max_eval_examples: int = _f(0, "Use a seeded random subset of this many validation rows (0 = all).")
+
+
+@dataclass
+class ClientsConfig:
+    num: int = _f(8, "Number of clients the training data is split across.")
+    fraction: float = _f(1.0, "Fraction of clients sampled each round (at least one).")
+    partition: str = _f("dirichlet", "How data is split: 'iid', 'dirichlet' (label skew) or 'label_skew' "
+                        "(FFA-LoRA's fixed label proportions).", choices=("iid", "dirichlet", "label_skew"))
+    dirichlet_alpha: float = _f(0.5, "Concentration of the Dirichlet label-skew partition.")
+    proportions: list = _f([], "label_skew only: per-client class proportions, e.g. [[0.1,0.9],[0.9,0.1],[0.5,0.5]]; "
+                           "[] uses FFA-LoRA's defaults for 3 clients.")
+    val_fraction: float = _f(0.1, "Fraction of each client's data held out for per-client evaluation.")
+    min_examples: int = _f(4, "Every client must end up with at least this many training examples.")
+
+
+@dataclass
+class TrainConfig:
+    optimizer: str = _f("adamw", "Local optimiser.", choices=("adamw", "sgd"))
+    lr: float = _f(5e-3, "Local learning rate.")
+    weight_decay: float = _f(0.0, "Weight decay.")
+    momentum: float = _f(0.0, "SGD momentum.")
+    batch_size: int = _f(16, "Examples per optimiser step (the expected Poisson batch size under DP).")
+    grad_accum: int = _f(1, "Micro-batches per optimiser step (batch_size must be divisible by it).")
+    local_steps: int = _f(10, "Optimiser steps per client per round (ignored when local_epochs > 0).")
+    local_epochs: float = _f(0.0, "If > 0, local work in epochs over the client's training data instead of steps.")
+    eval_batch_size: int = _f(128, "Batch size for evaluation.")
+
+
+@dataclass
+class DPConfig:
+    enabled: bool = _f(False, "Per-client sample-level DP-SGD (Opacus).")
+    epsilon: float = _f(0.0, "Target epsilon over the whole run (calibrates sigma), or the budget a given "
+                        "noise_multiplier must stay within; 0 = none.")
+    delta: float = _f(1e-5, "Target delta.")
+    noise_multiplier: float = _f(0.0, "Gaussian noise multiplier sigma; 0 = calibrate from epsilon.")
+    clip: float = _f(1.0, "Per-example gradient clipping norm C.")
+    secure_rng: bool = _f(False, "Use Opacus' cryptographically secure noise (not reproducible).")
+
+
+@dataclass
+class EvalConfig:
+    every: int = _f(1, "Evaluate the global model every N rounds (and always after the last).")
+    per_client: bool = _f(True, "Also evaluate the global model on each client's local validation split.")
+    max_client_examples: int = _f(200, "Evaluate each client on at most this many of its local validation rows "
+                                  "(a seeded subset; 0 = all).")
+
+
+@dataclass
+class ExperimentConfig:
+    method: str = _f("ffa", "Federated method (see `fedlora info`).")
+    rounds: int = _f(12, "Number of federated rounds.")
+    seed: int = _f(0, "Seed for data partitioning, LoRA init, client sampling, training and DP noise.")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    clients: ClientsConfig = field(default_factory=ClientsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading and overrides
+# --------------------------------------------------------------------------------------------------------------------
+
+def _section_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Check ``value`` against the annotated type, allowing int -> float; raise a ConfigError naming the key."""
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is float and isinstance(value, str) and value.lower() in ("inf", "+inf"):
+        return math.inf
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, float),
+        str: lambda v: isinstance(v, str),
+        list: lambda v: isinstance(v, list),
+    }[typ](value)
+    if not ok:
+        raise ConfigError(f"{key} must be of type {typ.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _apply(obj: Any, data: dict, prefix: str = "") -> None:
+    hints = _section_types(type(obj))
+    names = {f.name for f in fields(obj)}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{full}'; valid keys here: {', '.join(sorted(names))}")
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{full}' is a section; set its keys, e.g. {full}.{fields(typ)[0].name}=...")
+            _apply(getattr(obj, key), value, f"{full}.")
+        else:
+            setattr(obj, key, _coerce(full, value, typ))
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare strings: --set method=fedit
+    return key.split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Defaults <- TOML file <- ``--set`` overrides, then :func:`validate`."""
+    cfg = ExperimentConfig()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+        _apply(cfg, data)
+    for item in overrides or []:
+        parts, value = _parse_override(item)
+        nested: dict = {}
+        cursor = nested
+        for part in parts[:-1]:
+            cursor = cursor.setdefault(part, {})
+        cursor[parts[-1]] = value
+        _apply(cfg, nested)
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: ExperimentConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return "inf" if math.isinf(v) else repr(v)
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(type(v))
+
+
+def to_toml(cfg: ExperimentConfig) -> str:
+    """Serialise the resolved config; ``load_config`` of the result gives back an equal config."""
+    d = to_dict(cfg)
+    top = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, dict)]
+    parts = ["\n".join(top)]
+    for k, v in d.items():
+        if isinstance(v, dict):
+            parts.append(f"[{k}]\n" + "\n".join(f"{kk} = {_toml_value(vv)}" for kk, vv in v.items()))
+    return "\n\n".join(parts) + "\n"
+
+
+def describe(cls: type = ExperimentConfig, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(key, default, help) for every field, for `fedlora info`."""
+    rows = []
+    default = cls()
+    for f in fields(cls):
+        if dataclasses.is_dataclass(f.type if not isinstance(f.type, str) else _section_types(cls)[f.name]):
+            rows.extend(describe(_section_types(cls)[f.name], f"{prefix}{f.name}."))
+        else:
+            rows.append((f"{prefix}{f.name}", getattr(default, f.name), f.metadata.get("help", "")))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Validation (pure: no file or model is opened here except checking that local paths exist)
+# --------------------------------------------------------------------------------------------------------------------
+
+def _need(cond: bool, key: str, value: Any, valid: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key} must be {valid}, got {value!r}")
+
+
+def _check_choices(obj: Any, prefix: str) -> None:
+    for f in fields(obj):
+        choices = f.metadata.get("choices")
+        if choices is not None:
+            v = getattr(obj, f.name)
+            _need(v in choices, f"{prefix}{f.name}", v, "one of " + ", ".join(repr(c) for c in choices))
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Raise :class:`ConfigError` for the first invalid value (key, value, what is valid)."""
+    from fedlora.methods import available_methods
+
+    methods = available_methods()
+    _need(cfg.method in methods, "method", cfg.method, "one of " + ", ".join(methods))
+    _need(cfg.rounds >= 1, "rounds", cfg.rounds, "a positive integer")
+    _need(cfg.seed >= 0, "seed", cfg.seed, "a non-negative integer")
+    for name in ("model", "lora", "data", "clients", "train", "dp", "eval"):
+        _check_choices(getattr(cfg, name), f"{name}.")
+
+    m = cfg.model
+    _need(bool(m.name.strip()), "model.name", m.name, "a bundled alias, a model id or a local path")
+    _need(8 <= m.max_length <= 8192, "model.max_length", m.max_length, "an integer in [8, 8192]")
+    _need(m.threads >= 0, "model.threads", m.threads, "a non-negative integer")
+
+    lo = cfg.lora
+    _need(lo.rank >= 1, "lora.rank", lo.rank, "a positive integer")
+    _need(lo.alpha > 0 and math.isfinite(lo.alpha), "lora.alpha", lo.alpha, "a positive finite number")
+    _need(0.0 <= lo.dropout < 1.0, "lora.dropout", lo.dropout, "in [0, 1)")
+    _need(len(lo.target_modules) > 0 and all(isinstance(t, str) and t for t in lo.target_modules),
+          "lora.target_modules", lo.target_modules, "a non-empty list of module names")
+
+    d = cfg.data
+    for key in ("train", "validation"):
+        _check_source(f"data.{key}", getattr(d, key))
+    _need(bool(d.text_column), "data.text_column", d.text_column, "a column name")
+    _need(bool(d.label_column), "data.label_column", d.label_column, "a column name")
+    _need(d.max_train_examples >= 0, "data.max_train_examples", d.max_train_examples, "a non-negative integer")
+    _need(d.max_eval_examples >= 0, "data.max_eval_examples", d.max_eval_examples, "a non-negative integer")
+    _need(len(set(map(str, d.labels))) == len(d.labels), "data.labels", d.labels, "a list without duplicates")
+
+    c = cfg.clients
+    _need(c.num >= 1, "clients.num", c.num, "a positive integer")
+    _need(0.0 < c.fraction <= 1.0, "clients.fraction", c.fraction, "in (0, 1]")
+    _need(c.dirichlet_alpha > 0, "clients.dirichlet_alpha", c.dirichlet_alpha, "a positive number")
+    _need(0.0 <= c.val_fraction < 1.0, "clients.val_fraction", c.val_fraction, "in [0, 1)")
+    _need(c.min_examples >= 1, "clients.min_examples", c.min_examples, "a positive integer")
+    if c.proportions:
+        _need(c.partition == "label_skew", "clients.proportions", c.proportions,
+              "empty unless clients.partition = 'label_skew'")
+        _need(len(c.proportions) == c.num, "clients.proportions", c.proportions,
+              f"a list of {c.num} rows (one per client)")
+        for i, row in enumerate(c.proportions):
+            _need(isinstance(row, list) and row and all(isinstance(x, (int, float)) and x >= 0 for x in row)
+                  and abs(sum(row) - 1.0) < 1e-6, f"clients.proportions[{i}]", row,
+                  "a list of non-negative class proportions summing to 1")
+        _need(len({len(r) for r in c.proportions}) == 1, "clients.proportions", c.proportions,
+              "rows of equal length (one entry per class)")
+
+    t = cfg.train
+    _need(t.lr > 0 and math.isfinite(t.lr), "train.lr", t.lr, "a positive finite number")
+    _need(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "non-negative")
+    _need(0 <= t.momentum < 1, "train.momentum", t.momentum, "in [0, 1)")
+    _need(t.batch_size >= 1, "train.batch_size", t.batch_size, "a positive integer")
+    _need(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "a positive integer")
+    _need(t.batch_size % t.grad_accum == 0, "train.grad_accum", t.grad_accum,
+          f"a divisor of train.batch_size ({t.batch_size})")
+    _need(t.local_steps >= 1, "train.local_steps", t.local_steps, "a positive integer")
+    _need(t.local_epochs >= 0, "train.local_epochs", t.local_epochs, "non-negative")
+    _need(t.eval_batch_size >= 1, "train.eval_batch_size", t.eval_batch_size, "a positive integer")
+
+    p = cfg.dp
+    if p.enabled:
+        _need(p.clip > 0 and math.isfinite(p.clip), "dp.clip", p.clip, "a positive finite number")
+        _need(0 < p.delta < 1, "dp.delta", p.delta, "in (0, 1)")
+        _need(p.noise_multiplier >= 0, "dp.noise_multiplier", p.noise_multiplier, "non-negative")
+        _need(p.epsilon >= 0, "dp.epsilon", p.epsilon, "non-negative (0 = no target)")
+        _need(p.noise_multiplier > 0 or (p.epsilon > 0 and math.isfinite(p.epsilon)), "dp.epsilon", p.epsilon,
+              "a positive finite target when dp.noise_multiplier = 0 (set one of them)")
+
+    _need(cfg.eval.every >= 1, "eval.every", cfg.eval.every, "a positive integer")
+    _need(cfg.eval.max_client_examples >= 0, "eval.max_client_examples", cfg.eval.max_client_examples,
+          "a non-negative integer")
+
+
+def _check_source(key: str, source: str) -> None:
+    if source.startswith("bundled:"):
+        from fedlora.data.sources import BUNDLED
+
+        name = source[len("bundled:"):]
+        _need(name in BUNDLED, key, source, "one of " + ", ".join("bundled:" + b for b in BUNDLED))
+    elif source.startswith("hf:"):
+        _need(len(source) > 3, key, source, "'hf:DATASET_ID[:CONFIG]:SPLIT'")
+    else:
+        _need(Path(source).is_file(), key, source, "an existing data file (or bundled:…/hf:…)")

@@ -1,0 +1,1 @@
+"""Data: sources (bundled, local files, Hugging Face hub), partitioners and tasks."""

@@ -1,0 +1,1 @@
+"""Engines run the rounds: :mod:`fedlora.engine.simulation` (in-process, the default)."""

@@ -1,0 +1,135 @@
+"""The method interface (DESIGN.md): what each client gets in a round, and how the server combines what comes back.
+
+A method is plain Python over adapter tensors. It knows nothing of engines, files or processes:
+
+* :meth:`Method.configure` turns the global state into one :class:`ClientPlan` per sampled client;
+* the engine runs local training and hands back one :class:`Update` per client;
+* :meth:`Method.aggregate` combines the updates into the next global state.
+
+New methods register themselves with :func:`register` (one file per method, no if/elif over names).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from fedlora.adapters import Adapter
+
+
+@dataclass(frozen=True)
+class ClientPlan:
+    """What one client receives for one round.
+
+    ``download`` holds the tensors sent over the wire (flat keys); anything the client needs that is not in it comes
+    from the shared-seed initial adapter every client can regenerate (FFA-LoRA's A, a frozen head).  ``train`` and
+    ``upload`` are sets of roles (``lora_A``, ``lora_B``, ``head``).
+    """
+
+    client_id: int
+    download: dict[str, Tensor]
+    train: frozenset[str]
+    upload: frozenset[str]
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Update:
+    """What one client sends back: the uploaded tensors, its number of training examples and its metrics."""
+
+    client_id: int
+    num_examples: int
+    tensors: dict[str, Tensor]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ServerState:
+    """The global adapter plus whatever a method keeps between rounds (momentum, scores, ...)."""
+
+    adapter: Adapter
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def data_weights(updates: list[Update]) -> list[float]:
+    """``p_k = n_k / Σ_j n_j`` over the clients that reported this round (algorithms.md §0.3)."""
+    total = sum(u.num_examples for u in updates)
+    if total <= 0:
+        raise ValueError("cannot weight updates: total number of examples is 0")
+    return [u.num_examples / total for u in updates]
+
+
+def weighted_average(tensors: list[Tensor], weights: list[float]) -> Tensor:
+    """``Σ_k p_k · t_k`` accumulated in float64, returned in the dtype of the first tensor."""
+    acc = torch.zeros_like(tensors[0], dtype=torch.float64)
+    for t, w in zip(tensors, weights):
+        acc.add_(t.to(torch.float64), alpha=w)
+    return acc.to(tensors[0].dtype)
+
+
+def average_uploaded(state: ServerState, updates: list[Update]) -> ServerState:
+    """FedAvg of every uploaded tensor with data-size weights; tensors nobody uploads keep their global value."""
+    if not updates:
+        return state
+    weights = data_weights(updates)
+    keys = updates[0].tensors.keys()
+    averaged = {k: weighted_average([u.tensors[k] for u in updates], weights) for k in keys}
+    return ServerState(state.adapter.with_tensors(averaged), dict(state.extra))
+
+
+class Method(ABC):
+    """Base class of a federated LoRA method. Subclasses set ``name`` and ``summary`` and implement two hooks."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    citation: ClassVar[str] = ""
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+
+    def init_state(self, initial: Adapter) -> ServerState:
+        """The server state before round 1, from the shared-seed initial adapter."""
+        return ServerState(initial.clone())
+
+    @abstractmethod
+    def configure(self, round_idx: int, state: ServerState, client_ids: list[int]) -> list[ClientPlan]:
+        """One plan per sampled client."""
+
+    @abstractmethod
+    def aggregate(self, round_idx: int, state: ServerState, updates: list[Update]) -> ServerState:
+        """Combine the round's updates into the next global state."""
+
+    def global_adapter(self, state: ServerState) -> Adapter:
+        """The adapter that is evaluated and exported (PEFT format)."""
+        return state.adapter
+
+    def head_roles(self) -> frozenset[str]:
+        return frozenset({"head"}) if getattr(self.cfg.lora, "head", "aggregate") == "aggregate" else frozenset()
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    if cls.name in _REGISTRY:
+        raise ValueError(f"method {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_methods() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> type[Method]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown method {name!r}; available: {', '.join(available_methods())}") from None
+
+
+def method_summaries() -> dict[str, str]:
+    return {n: _REGISTRY[n].summary for n in available_methods()}

@@ -1,0 +1,50 @@
+"""FFA-LoRA: Federated Freeze-A LoRA (Sun, Li, Li, Ding; ICLR 2024; algorithms.md §1).
+
+A is drawn once from the shared seed (PEFT's Kaiming-uniform init, :func:`fedlora.adapters.seeded_lora_A`), every
+client regenerates the identical A, and A is never trained nor sent.  Only the zero-initialised B (and the head, when
+``lora.head = "aggregate"``) is trained, uploaded and averaged: ``B^{t+1} = Σ_k p_k B_k`` (§1.2 step 5), which makes
+aggregation exact, ``s·B^{t+1}A = Σ_k p_k s·B_k A`` (oracle O4), and halves traffic for square modules (O6).
+
+Our choices (algorithms.md §1.5): A init = PEFT default (P1); r = 8, alpha = 16 (P2); head aggregated by default (P3).
+Each client reports a checksum of the A it trained with; the server refuses a round whose clients disagree with its
+own A (§5: "assert, by checksum, that all clients' A tensors are identical").
+"""
+from __future__ import annotations
+
+import zlib
+
+from torch import Tensor
+
+from fedlora.adapters import ROLE_B, Adapter
+from fedlora.errors import UpdateError
+from fedlora.methods.base import ClientPlan, Method, ServerState, Update, average_uploaded, register
+
+
+def a_checksum(adapter: Adapter) -> int:
+    """CRC32 over the bytes of every A factor, in module order (used to prove all clients share one A)."""
+    crc = 0
+    for name in sorted(adapter.modules):
+        a: Tensor = adapter.modules[name].A.detach().contiguous().cpu()
+        crc = zlib.crc32(a.numpy().tobytes(), crc)
+    return crc
+
+
+@register
+class FFALoRA(Method):
+    name = "ffa"
+    summary = "FFA-LoRA: A frozen from a shared seed and never sent; only B (and the head) trained and averaged."
+    citation = "Sun et al., Improving LoRA in Privacy-preserving Federated Learning, ICLR 2024"
+
+    def configure(self, round_idx: int, state: ServerState, client_ids: list[int]) -> list[ClientPlan]:
+        roles = frozenset({ROLE_B}) | self.head_roles()
+        download = state.adapter.to_flat(roles)
+        return [ClientPlan(cid, download, train=roles, upload=roles) for cid in client_ids]
+
+    def aggregate(self, round_idx: int, state: ServerState, updates: list[Update]) -> ServerState:
+        expected = a_checksum(state.adapter)
+        for u in updates:
+            got = u.metrics.get("a_checksum")
+            if got is not None and int(got) != expected:
+                raise UpdateError(f"client {u.client_id} trained with a different A (checksum {int(got)} != "
+                                  f"{expected}); FFA-LoRA needs the identical shared A on every client")
+        return average_uploaded(state, updates)

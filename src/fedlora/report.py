@@ -1,0 +1,99 @@
+"""Run artefacts: metrics files (JSONL + CSV, rewritten every round so nothing is lost) and plots (PNG)."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+
+# Columns every metrics.csv starts with (the interface contract); per-client columns follow.
+BASE_COLUMNS = ["round", "loss", "accuracy", "eval_loss", "upload_bytes", "download_bytes", "epsilon",
+                "clients", "wall_s"]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """Appends one JSON object per round to ``metrics.jsonl`` and rewrites ``metrics.csv`` from all rows."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.rows: list[dict] = []
+
+    def append(self, row: dict) -> None:
+        self.rows.append(row)
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row, default=_jsonable) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.write_csv()
+
+    def write_csv(self) -> None:
+        extra = sorted({k for r in self.rows for k in r if k not in BASE_COLUMNS and not isinstance(r[k], (dict, list))})
+        cols = BASE_COLUMNS + extra
+        import io
+
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in self.rows:
+            w.writerow({k: _csv_cell(r.get(k)) for k in cols})
+        _atomic_write(self.run_dir / "metrics.csv", buf.getvalue())
+
+
+def _jsonable(v):
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    return str(v)
+
+
+def _csv_cell(v):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    return v
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_run(rows: list[dict], path: Path, title: str = "") -> None:
+    """Accuracy, losses and traffic per round, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r["round"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    acc = [(r["round"], r["accuracy"]) for r in rows if r.get("accuracy") is not None]
+    if acc:
+        axes[0].plot(*zip(*acc), marker="o", label="global (validation)")
+    client_acc = [(r["round"], r["client_accuracy_mean"]) for r in rows if r.get("client_accuracy_mean") is not None]
+    if client_acc:
+        axes[0].plot(*zip(*client_acc), marker=".", linestyle="--", label="mean over clients (local val)")
+    axes[0].set(title="accuracy", xlabel="round")
+    axes[0].legend(fontsize=8)
+    axes[1].plot(rounds, [r.get("loss") for r in rows], marker="o", label="train (clients)")
+    ev = [(r["round"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
+    if ev:
+        axes[1].plot(*zip(*ev), marker="s", label="validation")
+    axes[1].set(title="loss", xlabel="round")
+    axes[1].legend(fontsize=8)
+    axes[2].plot(rounds, [r.get("upload_bytes", 0) / 1e6 for r in rows], marker="o", label="upload")
+    axes[2].plot(rounds, [r.get("download_bytes", 0) / 1e6 for r in rows], marker="s", label="download")
+    axes[2].set(title="traffic per round (MB, measured)", xlabel="round")
+    axes[2].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,43 @@
+"""The wire format: safetensors bytes (never pickle), byte counting, and validation of incoming updates.
+
+Every payload that crosses between server and client, in any engine, goes through :func:`encode` and
+:func:`decode`; communication is the length of those bytes, measured, not a formula (algorithms.md §5, O30).
+"""
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load as _st_load
+from safetensors.torch import save as _st_save
+from torch import Tensor
+
+from fedlora.errors import UpdateError
+
+
+def encode(tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """Serialise named tensors to safetensors bytes (contiguous CPU copies; bf16 is kept as bf16)."""
+    clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return _st_save(clean, metadata=metadata)
+
+
+def decode(payload: bytes) -> dict[str, Tensor]:
+    """Parse safetensors bytes; a malformed payload raises :class:`UpdateError`, never executes anything."""
+    try:
+        return dict(_st_load(payload))
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise UpdateError(f"payload is not valid safetensors: {exc}") from None
+
+
+def validate_tensors(tensors: dict[str, Tensor], expected: dict[str, Tensor], *, who: str) -> None:
+    """Check an incoming payload against the tensors we expect: same keys, shapes, floating dtype, finite values."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise UpdateError(f"{who}: keys differ from the plan (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for key, value in tensors.items():
+        ref = expected[key]
+        if tuple(value.shape) != tuple(ref.shape):
+            raise UpdateError(f"{who}: {key} has shape {tuple(value.shape)}, expected {tuple(ref.shape)}")
+        if not value.is_floating_point():
+            raise UpdateError(f"{who}: {key} has dtype {value.dtype}, expected a floating dtype")
+        if not bool(torch.isfinite(value).all()):
+            raise UpdateError(f"{who}: {key} contains NaN or infinite values")

@@ -1,0 +1,112 @@
+"""In-process engine end to end on the real bundled MiniLM and a handful of SST-2 rows (2 rounds per method)."""
+import csv
+import json
+
+import pytest
+import torch
+
+from fedlora.engine.simulation import run_experiment, sample_clients
+from fedlora.errors import ConfigError, PrivacyBudgetError
+
+CONTRACT_COLUMNS = ["round", "loss", "accuracy", "upload_bytes", "download_bytes", "epsilon"]
+
+
+def _csv(run_dir):
+    with open(run_dir / "metrics.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.parametrize("method", ["fedit", "ffa"])
+def test_two_rounds_end_to_end_and_artifacts(tmp_path, tiny_config, method):
+    cfg = tiny_config(f"method={method}")
+    res = run_experiment(cfg, out_dir=tmp_path / "run", progress=False, log=lambda *_: None)
+    d = res.run_dir
+    for f in ("config.toml", "metrics.csv", "metrics.jsonl", "metrics.png", "summary.json",
+              "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
+        assert (d / f).is_file(), f
+    rows = _csv(d)
+    assert [r["round"] for r in rows] == ["1", "2"]
+    assert all(c in rows[0] for c in CONTRACT_COLUMNS)
+    assert all(r["epsilon"] == "" for r in rows)
+    assert all(0.0 <= float(r["accuracy"]) <= 1.0 for r in rows)
+    up = int(rows[0]["upload_bytes"])
+    # measured bytes: 3 clients × 12 modules × 384×8 fp32 (B, and A too for FedIT) + head, plus headers
+    raw_b, head = 12 * 384 * 8 * 4, (2 * 384 + 2) * 4
+    expected_raw = 3 * (raw_b * (2 if method == "fedit" else 1) + head)
+    assert expected_raw < up < expected_raw * 1.01
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["final_accuracy"] == pytest.approx(res.final_accuracy)
+
+
+def test_ffa_keeps_A_at_the_seeded_init_and_halves_upload(tmp_path, tiny_config):
+    ffa = run_experiment(tiny_config("method=ffa"), out_dir=tmp_path / "ffa", progress=False, log=lambda *_: None)
+    fedit = run_experiment(tiny_config("method=fedit"), out_dir=tmp_path / "fedit", progress=False,
+                           log=lambda *_: None)
+    from fedlora.adapters import seeded_lora_A
+
+    for name, m in ffa.adapter.modules.items():
+        assert torch.equal(m.A, seeded_lora_A(name, 8, 384, seed=0))
+        assert m.B.abs().sum() > 0
+    assert any(not torch.equal(m.A, seeded_lora_A(n, 8, 384, 0)) for n, m in fedit.adapter.modules.items())
+    ratio = int(_csv(ffa.run_dir)[0]["upload_bytes"]) / int(_csv(fedit.run_dir)[0]["upload_bytes"])
+    assert 0.5 < ratio < 0.52  # B only (+ head) vs A and B
+
+
+def test_saved_adapter_reloads_in_peft_and_reproduces_accuracy(tmp_path, tiny_config):
+    from peft import PeftModel
+
+    from fedlora.data.tasks import ClassificationTask
+    from fedlora.models import load_classifier
+
+    cfg = tiny_config("method=ffa", "rounds=1")
+    res = run_experiment(cfg, out_dir=tmp_path / "run", progress=False, log=lambda *_: None)
+    task = ClassificationTask(cfg.data, seed=cfg.seed)
+    tok, base = load_classifier(cfg.model, task.num_labels, seed=123)  # a different random head: must be replaced
+    model = PeftModel.from_pretrained(base, str(res.run_dir / "adapter"))
+    val = task.tokenise(tok, task.val_rows, task.val_labels, cfg.model.max_length)
+    ev = task.evaluate(model, val, 16)
+    assert ev["accuracy"] == pytest.approx(res.final_accuracy, abs=1e-12)
+    assert ev["loss"] == pytest.approx(res.metrics[-1]["eval_loss"], rel=1e-5)
+
+
+def test_dp_run_reports_growing_epsilon_within_target(tmp_path, tiny_config):
+    cfg = tiny_config("method=ffa", "dp.enabled=true", "dp.epsilon=8", "clients.partition=label_skew",
+                      "data.max_train_examples=150")
+    res = run_experiment(cfg, out_dir=tmp_path / "run", progress=False, log=lambda *_: None)
+    rows = _csv(res.run_dir)
+    eps = [float(r["epsilon"]) for r in rows]
+    assert 0 < eps[0] < eps[1] <= 8.0
+    per_client = json.loads((res.run_dir / "metrics.jsonl").read_text().splitlines()[-1])["epsilon_per_client"]
+    assert len(per_client) == 3 and max(per_client.values()) == pytest.approx(eps[1])
+
+
+def test_same_seed_same_adapter(tmp_path, tiny_config):
+    a = run_experiment(tiny_config("rounds=1"), out_dir=tmp_path / "a", progress=False, log=lambda *_: None)
+    b = run_experiment(tiny_config("rounds=1"), out_dir=tmp_path / "b", progress=False, log=lambda *_: None)
+    assert all(torch.equal(a.adapter.to_flat()[k], v) for k, v in b.adapter.to_flat().items())
+
+
+def test_impossible_dp_budget_is_refused_before_the_model_loads(tmp_path, tiny_config, monkeypatch):
+    import fedlora.engine.simulation as sim
+
+    monkeypatch.setattr(sim, "load_classifier", lambda *a, **k: pytest.fail("model loaded before DP check"))
+    cfg = tiny_config("dp.enabled=true", "dp.epsilon=6", "train.batch_size=32")  # 21 rows per client < 32
+    with pytest.raises(PrivacyBudgetError, match="Poisson sampling needs batch_size < n"):
+        run_experiment(cfg, out_dir=tmp_path / "run", progress=False, log=lambda *_: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_run_dir_is_not_overwritten(tmp_path, tiny_config):
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run_experiment(tiny_config(), out_dir=d, progress=False, log=lambda *_: None)
+
+
+def test_client_sampling_is_seeded_and_sized():
+    s = sample_clients(0, 3, 20, 0.25)
+    assert len(s) == 5 == len(set(s)) and s == sample_clients(0, 3, 20, 0.25)
+    assert s != sample_clients(0, 4, 20, 0.25)
+    assert sample_clients(0, 1, 20, 0.01) and len(sample_clients(0, 1, 20, 0.01)) == 1
+    assert sample_clients(0, 1, 5, 1.0) == [0, 1, 2, 3, 4]

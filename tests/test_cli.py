@@ -1,0 +1,55 @@
+"""Command line contract: exit 0 on success, non-zero with a short message (no traceback) on bad input."""
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _fedlora(*args, cwd=None):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run([sys.executable, "-m", "fedlora", *args], capture_output=True, text=True, cwd=cwd or REPO,
+                          env=env, timeout=600)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--set", "lora.rank=0"], "lora.rank must be a positive integer, got 0"),
+    (["--set", "nope=1"], "unknown config key 'nope'"),
+    (["--config", "missing.toml"], "config file not found"),
+    (["--set", "data.train=/tmp/definitely-missing.jsonl"], "data.train must be an existing data file"),
+    (["--set", "model.name=/no/such/model"], "no such directory"),
+])
+def test_bad_input_exits_2_with_a_message_and_no_traceback(tmp_path, args, needle):
+    r = _fedlora("run", "--out", str(tmp_path / "run"), *args)
+    assert r.returncode == 2
+    assert needle in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) <= 3
+
+
+def test_bad_data_file_fails_before_the_model_loads(tmp_path):
+    bad = tmp_path / "d.jsonl"
+    bad.write_text('{"sentence": "ok", "label": 1}\n{"sentence": "", "label": 0}\n')
+    r = _fedlora("run", "--set", f"data.train={bad}", "--out", str(tmp_path / "run"))
+    assert r.returncode == 2 and "row 2: column 'sentence' is empty" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_info_lists_methods_models_and_data():
+    r = _fedlora("info", "--config-keys")
+    assert r.returncode == 0
+    for needle in ("fedit", "ffa", "minilm", "bundled:sst2/train", "lora.rank", "dirichlet"):
+        assert needle in r.stdout
+
+
+def test_tiny_example_runs_with_a_method_override(tmp_path):
+    out = tmp_path / "run"
+    r = _fedlora("run", "--config", "examples/tiny.toml", "--set", "method=fedit", "--set", "rounds=1",
+                 "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert 'method = "fedit"' in r.stdout and "final validation accuracy" in r.stdout
+    assert 'method = "fedit"' in (out / "config.toml").read_text()
+    with open(out / "metrics.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 1

@@ -1,0 +1,194 @@
+"""Local training: trainable set (O5), FFA step formula (O8), α/η equivalence (O7), DP-SGD clipping and noise (O9)."""
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from fedlora import client as client_mod
+from fedlora.client import steps_per_round, train_client
+from fedlora.methods.base import ClientPlan
+from fedlora.privacy import ClientAccountant, ClientPrivacy
+from tests.conftest import QuadData, quad_loss, tiny_linear_lora, train_cfg
+
+D_IN, D_OUT, R = 10, 12, 4
+FFA = frozenset({"lora_B"})
+
+
+def _data(n=8, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return QuadData(torch.randn(n, D_IN, generator=g, dtype=torch.float64),
+                    scale * torch.randn(n, D_OUT, generator=g, dtype=torch.float64))
+
+
+def _plan(init, roles=FFA, download_roles=None):
+    return ClientPlan(0, init.to_flat(download_roles or roles), train=roles, upload=roles)
+
+
+def _run(model, slots, init, data, cfg, plan=None, privacy=None, accountant=None):
+    return train_client(model=model, slots=slots, initial=init, plan=plan or _plan(init), examples=data,
+                        loss_fn=quad_loss, train_cfg=cfg, round_idx=1, seed=0, privacy=privacy, accountant=accountant)
+
+
+def test_O8_one_sgd_step_changes_delta_W_by_minus_eta_s2_G_AtA():
+    # Prepare: W0 fixed, B = 0, A seeded; full-batch SGD on L = ½ Σ_i ‖(W0 + sBA)x_i − y_i‖² / n
+    model, slots, init = tiny_linear_lora(D_IN, D_OUT, R, alpha=8.0)
+    data, eta = _data(n=8), 0.05
+    W0 = model.base_model.model[0].base_layer.weight.detach().clone()
+    A, s = init.modules["0"].A, init.modules["0"].scale
+    # Execute
+    up = _run(model, slots, init, data, train_cfg(lr=eta, batch_size=8, local_steps=1))
+    # Assert
+    X, Y = data.X.T, data.Y.T  # columns are examples
+    G = (W0 @ X - Y) @ X.T / 8  # gradient of the mean loss wrt W at B = 0
+    expected = -eta * s ** 2 * G @ A.T @ A
+    got = s * up.tensors["0.lora_B.weight"] @ A
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_O5_ffa_trains_only_B_and_uploads_no_A(monkeypatch):
+    model, slots, init = tiny_linear_lora(D_IN, D_OUT, R)
+    seen = []
+    real = client_mod.make_optimizer
+    monkeypatch.setattr(client_mod, "make_optimizer", lambda params, cfg: seen.extend(params) or real(params, cfg))
+    up = _run(model, slots, init, _data(), train_cfg(local_steps=5, optimizer="adamw", lr=0.01))
+    a_param, b_param = slots.params["0.lora_A.weight"], slots.params["0.lora_B.weight"]
+    assert [id(p) for p in seen] == [id(b_param)]
+    assert set(up.tensors) == {"0.lora_B.weight"}
+    assert torch.equal(a_param, init.modules["0"].A)  # bitwise unchanged
+    assert up.tensors["0.lora_B.weight"].abs().sum() > 0
+    assert not any(p.requires_grad for p in model.parameters())  # trainable flags are reset for the next client
+
+
+def test_fedit_plan_trains_A_too():
+    model, slots, init = tiny_linear_lora(D_IN, D_OUT, R)
+    both = frozenset({"lora_A", "lora_B"})
+    up = _run(model, slots, init, _data(), train_cfg(local_steps=3), plan=_plan(init, both))
+    assert set(up.tensors) == {"0.lora_A.weight", "0.lora_B.weight"}
+    assert not torch.equal(up.tensors["0.lora_A.weight"], init.modules["0"].A)
+
+
+def _delta_after(alpha, lr, privacy=None, steps=4):
+    model, slots, init = tiny_linear_lora(D_IN, D_OUT, R, alpha=alpha)
+    up = _run(model, slots, init, _data(n=12), train_cfg(lr=lr, batch_size=4, local_steps=steps), privacy=privacy)
+    return init.modules["0"].scale * up.tensors["0.lora_B.weight"] @ init.modules["0"].A, up
+
+
+@pytest.mark.parametrize("c", [2.0, 0.25])
+def test_O7_ffa_alpha_and_learning_rate_are_interchangeable_under_sgd(c):
+    dw1, up1 = _delta_after(alpha=8.0, lr=0.05)
+    dw2, up2 = _delta_after(alpha=8.0 * c, lr=0.05 / c ** 2)
+    torch.testing.assert_close(dw1, dw2, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(up2.tensors["0.lora_B.weight"], up1.tensors["0.lora_B.weight"] / c, rtol=1e-9,
+                               atol=1e-12)
+    assert up1.metrics["loss"] == pytest.approx(up2.metrics["loss"], rel=1e-9)
+
+
+def test_O7_holds_under_dp_sgd_when_clip_scales_with_alpha():
+    c = 2.0
+    p1 = ClientPrivacy(noise_multiplier=0.7, sample_rate=0.4, steps_per_round=4, clip=0.5, delta=1e-5)
+    p2 = ClientPrivacy(noise_multiplier=0.7, sample_rate=0.4, steps_per_round=4, clip=0.5 * c, delta=1e-5)
+    dw1, _ = _delta_after(alpha=8.0, lr=0.05, privacy=p1)
+    dw2, _ = _delta_after(alpha=8.0 * c, lr=0.05 / c ** 2, privacy=p2)
+    # Opacus clips with C / (‖g‖ + 1e-6): the stabiliser is not scale-invariant, hence 1e-4 instead of 1e-9.
+    torch.testing.assert_close(dw1, dw2, rtol=1e-4, atol=1e-8)
+    dw3, _ = _delta_after(alpha=8.0 * c, lr=0.05 / c ** 2, privacy=p1)  # C not scaled: a different trajectory
+    assert not torch.allclose(dw1, dw3, rtol=1e-2, atol=1e-6)
+
+
+def _per_example_grads(model, slots, data, init):
+    """Reference per-example gradients of B, one autograd call per example."""
+    slots.load(init)
+    b = slots.params["0.lora_B.weight"]
+    b.requires_grad_(True)
+    grads = []
+    for i in range(len(data)):
+        loss = quad_loss(model, data.batch([i]))
+        (g,) = torch.autograd.grad(loss, b)
+        grads.append(g)
+    b.requires_grad_(False)
+    return torch.stack(grads)
+
+
+def test_O9_dp_step_sums_clipped_per_example_gradients():
+    # Prepare: large targets so every per-example gradient norm exceeds C; σ = 0, q = 1 (whole data each step)
+    model, slots, init = tiny_linear_lora(D_IN, D_OUT, R)
+    data, C, eta, n = _data(n=6, scale=50.0), 0.5, 0.1, 6
+    g = _per_example_grads(model, slots, data, init)
+    norms = g.flatten(1).norm(dim=1)
+    assert (norms > C).all()
+    clipped = g * (C / (norms + 1e-6)).clamp(max=1.0)[:, None, None]
+    assert (clipped.flatten(1).norm(dim=1) <= C + 1e-6).all()
+    # Execute: one DP-SGD step through the real client path (Opacus GradSampleModule + DPOptimizer)
+    priv = ClientPrivacy(noise_multiplier=0.0, sample_rate=1.0, steps_per_round=1, clip=C, delta=1e-5)
+    up = _run(model, slots, init, data, train_cfg(lr=eta, batch_size=n), privacy=priv)
+    # Assert
+    expected_B = -eta * clipped.sum(0) / n
+    torch.testing.assert_close(up.tensors["0.lora_B.weight"], expected_B, rtol=1e-8, atol=1e-10)
+
+
+def test_O9_dp_with_no_noise_and_no_clipping_equals_plain_sgd():
+    model, slots, init = tiny_linear_lora(D_IN, D_OUT, R)
+    data = _data(n=6)
+    priv = ClientPrivacy(noise_multiplier=0.0, sample_rate=1.0, steps_per_round=3, clip=1e12, delta=1e-5)
+    dp = _run(model, slots, init, data, train_cfg(lr=0.1, batch_size=6, local_steps=3), privacy=priv)
+    plain = _run(model, slots, init, data, train_cfg(lr=0.1, batch_size=6, local_steps=3))
+    torch.testing.assert_close(dp.tensors["0.lora_B.weight"], plain.tensors["0.lora_B.weight"], rtol=1e-8,
+                               atol=1e-10)
+
+
+def test_O9_noise_std_is_sigma_C_over_batch():
+    # Zero inputs give zero gradients, so one step moves B by -lr · N(0, σ²C²) / batch only.
+    model, slots, init = tiny_linear_lora(D_IN, 256, 8)
+    data = QuadData(torch.zeros(4, D_IN, dtype=torch.float64), torch.zeros(4, 256, dtype=torch.float64))
+    sigma, C, n = 1.5, 2.0, 4
+    priv = ClientPrivacy(noise_multiplier=sigma, sample_rate=1.0, steps_per_round=1, clip=C, delta=1e-5)
+    up = _run(model, slots, init, data, train_cfg(lr=1.0, batch_size=n), privacy=priv)
+    step = up.tensors["0.lora_B.weight"]
+    assert step.numel() == 2048
+    assert abs(step.std().item() / (sigma * C / n) - 1) < 0.06
+    assert abs(step.mean().item()) < 4 * (sigma * C / n) / np.sqrt(2048)
+
+
+def test_dp_reports_epsilon_and_steps_the_accountant():
+    model, slots, init = tiny_linear_lora(D_IN, D_OUT, R)
+    acc = ClientAccountant()
+    priv = ClientPrivacy(noise_multiplier=1.0, sample_rate=0.25, steps_per_round=5, clip=1.0, delta=1e-5)
+    up1 = _run(model, slots, init, _data(n=16), train_cfg(batch_size=4), privacy=priv, accountant=acc)
+    up2 = _run(model, slots, init, _data(n=16), train_cfg(batch_size=4), privacy=priv, accountant=acc)
+    assert 0 < up1.metrics["epsilon"] < up2.metrics["epsilon"]
+    assert acc.state_dict()[0] == [(1.0, 0.25, 10)]  # run-length history: 10 steps of (σ, q)
+
+
+def test_empty_poisson_batches_take_noise_only_steps():
+    model, slots, init = tiny_linear_lora(D_IN, D_OUT, R)
+    priv = ClientPrivacy(noise_multiplier=1.0, sample_rate=0.02, steps_per_round=20, clip=1.0, delta=1e-5)
+    up = _run(model, slots, init, _data(n=8), train_cfg(batch_size=1), privacy=priv)
+    assert up.metrics["empty_batches"] > 0
+    assert torch.isfinite(up.tensors["0.lora_B.weight"]).all() and up.tensors["0.lora_B.weight"].abs().sum() > 0
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    model, slots, init = tiny_linear_lora(D_IN, D_OUT, R)
+    data = _data(n=8)
+    one = _run(model, slots, init, data, train_cfg(lr=0.1, batch_size=8, local_steps=2))
+    acc = _run(model, slots, init, data, train_cfg(lr=0.1, batch_size=8, grad_accum=4, local_steps=2))
+    torch.testing.assert_close(one.tensors["0.lora_B.weight"], acc.tensors["0.lora_B.weight"], rtol=1e-10,
+                               atol=1e-12)
+
+
+def test_gradient_accumulation_under_dp_matches_one_big_batch():
+    model, slots, init = tiny_linear_lora(D_IN, D_OUT, R)
+    data = _data(n=8, scale=20.0)
+    priv = ClientPrivacy(noise_multiplier=0.0, sample_rate=1.0, steps_per_round=2, clip=0.5, delta=1e-5)
+    one = _run(model, slots, init, data, train_cfg(lr=0.1, batch_size=8), privacy=priv)
+    acc = _run(model, slots, init, data, train_cfg(lr=0.1, batch_size=8, grad_accum=4), privacy=priv)
+    torch.testing.assert_close(one.tensors["0.lora_B.weight"], acc.tensors["0.lora_B.weight"], rtol=1e-10,
+                               atol=1e-12)
+
+
+def test_steps_per_round_from_epochs():
+    cfg = types.SimpleNamespace(local_epochs=1.5, batch_size=16, local_steps=7)
+    assert steps_per_round(cfg, 100) == 10  # ceil(1.5·100/16)
+    cfg.local_epochs = 0
+    assert steps_per_round(cfg, 100) == 7
