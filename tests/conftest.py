@@ -67,7 +67,7 @@ def quad_loss(model, batch):
 
 
 def train_cfg(**kw):
-    base = dict(optimizer="sgd", lr=0.1, weight_decay=0.0, momentum=0.0, batch_size=4, grad_accum=1,
+    base = dict(optimizer="sgd", lr=0.1, lr_decay=1.0, weight_decay=0.0, momentum=0.0, batch_size=4, grad_accum=1,
                 local_steps=1, local_epochs=0.0, eval_batch_size=32)
     base.update(kw)
     return types.SimpleNamespace(**base)

@@ -50,7 +50,8 @@ def test_O5_ffa_trains_only_B_and_uploads_no_A(monkeypatch):
     model, slots, init = tiny_linear_lora(D_IN, D_OUT, R)
     seen = []
     real = client_mod.make_optimizer
-    monkeypatch.setattr(client_mod, "make_optimizer", lambda params, cfg: seen.extend(params) or real(params, cfg))
+    monkeypatch.setattr(client_mod, "make_optimizer",
+                        lambda params, cfg, lr: seen.extend(params) or real(params, cfg, lr))
     up = _run(model, slots, init, _data(), train_cfg(local_steps=5, optimizer="adamw", lr=0.01))
     a_param, b_param = slots.params["0.lora_A.weight"], slots.params["0.lora_B.weight"]
     assert [id(p) for p in seen] == [id(b_param)]
@@ -185,6 +186,21 @@ def test_gradient_accumulation_under_dp_matches_one_big_batch():
     acc = _run(model, slots, init, data, train_cfg(lr=0.1, batch_size=8, grad_accum=4), privacy=priv)
     torch.testing.assert_close(one.tensors["0.lora_B.weight"], acc.tensors["0.lora_B.weight"], rtol=1e-10,
                                atol=1e-12)
+
+
+def test_lr_decays_per_round():
+    from fedlora.client import round_lr
+
+    cfg = train_cfg(lr=0.1, lr_decay=0.5)
+    assert [round_lr(cfg, t) for t in (1, 2, 3)] == [0.1, 0.05, 0.025]
+    model, slots, init = tiny_linear_lora(D_IN, D_OUT, R)
+    data = _data(n=8)
+    r1 = train_client(model=model, slots=slots, initial=init, plan=_plan(init), examples=data, loss_fn=quad_loss,
+                      train_cfg=train_cfg(lr=0.1, batch_size=8), round_idx=1, seed=0)
+    r2 = train_client(model=model, slots=slots, initial=init, plan=_plan(init), examples=data, loss_fn=quad_loss,
+                      train_cfg=train_cfg(lr=0.2, lr_decay=0.5, batch_size=8), round_idx=2, seed=0)
+    # One SGD step from B = 0 is linear in the learning rate: 0.2 · 0.5 = 0.1
+    torch.testing.assert_close(r1.tensors["0.lora_B.weight"], r2.tensors["0.lora_B.weight"], rtol=1e-10, atol=1e-14)
 
 
 def test_steps_per_round_from_epochs():

@@ -30,11 +30,15 @@ def steps_per_round(train_cfg, num_examples: int) -> int:
     return train_cfg.local_steps
 
 
-def make_optimizer(params: list[nn.Parameter], train_cfg) -> torch.optim.Optimizer:
+def round_lr(train_cfg, round_idx: int) -> float:
+    """``lr · lr_decay^(t−1)`` for round t (a per-round schedule, as FlexLoRA's code halves its lr at round 15)."""
+    return train_cfg.lr * getattr(train_cfg, "lr_decay", 1.0) ** max(0, round_idx - 1)
+
+
+def make_optimizer(params: list[nn.Parameter], train_cfg, lr: float) -> torch.optim.Optimizer:
     if train_cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=train_cfg.lr, momentum=train_cfg.momentum,
-                               weight_decay=train_cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=train_cfg.momentum, weight_decay=train_cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=train_cfg.weight_decay)
 
 
 def client_seed(seed: int, round_idx: int, client_id: int) -> int:
@@ -75,7 +79,7 @@ def train_client(*, model: nn.Module, slots: LoraSlots, initial: Adapter, plan: 
     sampler = _Sampler(n, train_cfg.batch_size, rng, privacy.sample_rate if privacy is not None else None)
     micro = train_cfg.batch_size // train_cfg.grad_accum
 
-    optimizer = make_optimizer(params, train_cfg)
+    optimizer = make_optimizer(params, train_cfg, round_lr(train_cfg, round_idx))
     forward_model: nn.Module = model
     gsm = None
     if privacy is not None:

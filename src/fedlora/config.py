@@ -35,7 +35,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 @dataclass
 class ModelConfig:
     name: str = _f("minilm", "Base model: a bundled alias ('minilm'), a Hugging Face model id, or a local directory.")
-    max_length: int = _f(64, "Maximum number of tokens per example (longer inputs are truncated).")
+    max_length: int = _f(48, "Maximum number of tokens per example (longer inputs are truncated).")
     threads: int = _f(0, "torch CPU threads (0 = leave torch's default).")
 
 
@@ -78,7 +78,8 @@ class ClientsConfig:
 @dataclass
 class TrainConfig:
     optimizer: str = _f("adamw", "Local optimiser.", choices=("adamw", "sgd"))
-    lr: float = _f(5e-3, "Local learning rate.")
+    lr: float = _f(1e-2, "Local learning rate (of round 1).")
+    lr_decay: float = _f(0.88, "Multiply the learning rate by this every round: round t uses lr * lr_decay^(t-1).")
     weight_decay: float = _f(0.0, "Weight decay.")
     momentum: float = _f(0.0, "SGD momentum.")
     batch_size: int = _f(16, "Examples per optimiser step (the expected Poisson batch size under DP).")
@@ -103,14 +104,14 @@ class DPConfig:
 class EvalConfig:
     every: int = _f(1, "Evaluate the global model every N rounds (and always after the last).")
     per_client: bool = _f(True, "Also evaluate the global model on each client's local validation split.")
-    max_client_examples: int = _f(200, "Evaluate each client on at most this many of its local validation rows "
+    max_client_examples: int = _f(100, "Evaluate each client on at most this many of its local validation rows "
                                   "(a seeded subset; 0 = all).")
 
 
 @dataclass
 class ExperimentConfig:
     method: str = _f("ffa", "Federated method (see `fedlora info`).")
-    rounds: int = _f(12, "Number of federated rounds.")
+    rounds: int = _f(14, "Number of federated rounds.")
     seed: int = _f(0, "Seed for data partitioning, LoRA init, client sampling, training and DP noise.")
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -311,6 +312,7 @@ def validate(cfg: ExperimentConfig) -> None:
 
     t = cfg.train
     _need(t.lr > 0 and math.isfinite(t.lr), "train.lr", t.lr, "a positive finite number")
+    _need(0 < t.lr_decay <= 1, "train.lr_decay", t.lr_decay, "in (0, 1]")
     _need(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "non-negative")
     _need(0 <= t.momentum < 1, "train.momentum", t.momentum, "in [0, 1)")
     _need(t.batch_size >= 1, "train.batch_size", t.batch_size, "a positive integer")

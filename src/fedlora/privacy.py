@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -36,6 +37,22 @@ def projected_epsilon(noise_multiplier: float, sample_rate: float, steps: int, d
     acc = RDPAccountant()
     acc.history = [(noise_multiplier, sample_rate, steps)]
     return acc.get_epsilon(delta)
+
+
+@lru_cache(maxsize=4096)
+def calibrate_noise(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """σ meeting (ε, δ) after ``steps`` steps at rate q (Opacus' search), or ValueError when no σ can.
+
+    The RDP bound has a floor set by the accountant's range of orders: past σ ≈ 100 more noise barely lowers ε.  We
+    test that floor first (Opacus itself needs ~30 s to give up) and cache by arguments, since clients of equal size
+    share them.
+    """
+    if projected_epsilon(100.0, sample_rate, steps, delta) > epsilon:
+        floor = projected_epsilon(1e6, sample_rate, steps, delta)
+        if floor > epsilon:
+            raise ValueError(f"the smallest epsilon any noise multiplier reaches here is {floor:.3f}")
+    return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
+                                      steps=steps, accountant="rdp"))
 
 
 def plan_privacy(dp_cfg, client_sizes: dict[int, int], steps_per_round: dict[int, int], rounds: int,
@@ -64,8 +81,7 @@ def plan_privacy(dp_cfg, client_sizes: dict[int, int], steps_per_round: dict[int
                         f"local steps / batch size")
         else:
             try:
-                sigma = get_noise_multiplier(target_epsilon=dp_cfg.epsilon, target_delta=dp_cfg.delta,
-                                             sample_rate=q, steps=steps, accountant="rdp")
+                sigma = calibrate_noise(float(dp_cfg.epsilon), float(dp_cfg.delta), q, steps)
             except ValueError as exc:
                 raise PrivacyBudgetError(
                     f"client {cid}: no noise multiplier reaches epsilon = {dp_cfg.epsilon} at delta = "
