@@ -54,7 +54,7 @@ def load_classifier(model_cfg, num_labels: int, seed: int):
         tokenizer = AutoTokenizer.from_pretrained(path)
         torch.manual_seed(seed)
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # missing files, no network for a hub id, unknown architecture
         raise ModelError(f"cannot load model {model_cfg.name!r} ({path}): {exc}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

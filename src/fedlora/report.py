@@ -34,16 +34,38 @@ class MetricsLog:
         self.write_csv()
 
     def write_csv(self) -> None:
-        extra = sorted({k for r in self.rows for k in r if k not in BASE_COLUMNS and not isinstance(r[k], (dict, list))})
+        flat = [_flatten(r) for r in self.rows]
+        extra = sorted({k for r in flat for k in r if k not in BASE_COLUMNS}, key=_natural)
         cols = BASE_COLUMNS + extra
         import io
 
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
-        for r in self.rows:
+        for r in flat:
             w.writerow({k: _csv_cell(r.get(k)) for k in cols})
         _atomic_write(self.run_dir / "metrics.csv", buf.getvalue())
+
+
+# Per-client dicts (accuracy, epsilon, ...) become columns like ``epsilon_per_client.3`` up to this many clients;
+# beyond it they stay in metrics.jsonl only, so the CSV remains readable with thousands of clients.
+MAX_CSV_CLIENT_COLUMNS = 64
+
+
+def _flatten(row: dict) -> dict:
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, dict):
+            if len(v) <= MAX_CSV_CLIENT_COLUMNS:
+                out.update({f"{k}.{kk}": vv for kk, vv in v.items() if not isinstance(vv, (dict, list))})
+        elif not isinstance(v, list):
+            out[k] = v
+    return out
+
+
+def _natural(key: str):
+    head, _, tail = key.rpartition(".")
+    return (head, int(tail)) if head and tail.isdigit() else (key, -1)
 
 
 def _jsonable(v):
@@ -88,9 +110,13 @@ def plot_run(rows: list[dict], path: Path, title: str = "") -> None:
         axes[1].plot(*zip(*ev), marker="s", label="validation")
     axes[1].set(title="loss", xlabel="round")
     axes[1].legend(fontsize=8)
-    axes[2].plot(rounds, [r.get("upload_bytes", 0) / 1e6 for r in rows], marker="o", label="upload")
-    axes[2].plot(rounds, [r.get("download_bytes", 0) / 1e6 for r in rows], marker="s", label="download")
-    axes[2].set(title="traffic per round (MB, measured)", xlabel="round")
+    for key, marker in (("upload_bytes", "o"), ("download_bytes", "s")):
+        total, series = 0.0, []
+        for r in rows:
+            total += r.get(key, 0) / 1e6
+            series.append(total)
+        axes[2].plot(rounds, series, marker=marker, label=key.split("_")[0])
+    axes[2].set(title="cumulative traffic (MB, measured)", xlabel="round")
     axes[2].legend(fontsize=8)
     if title:
         fig.suptitle(title)

@@ -110,3 +110,10 @@ def test_client_sampling_is_seeded_and_sized():
     assert s != sample_clients(0, 4, 20, 0.25)
     assert sample_clients(0, 1, 20, 0.01) and len(sample_clients(0, 1, 20, 0.01)) == 1
     assert sample_clients(0, 1, 5, 1.0) == [0, 1, 2, 3, 4]
+
+
+def test_unwritable_run_dir_is_a_clear_error(tmp_path, tiny_config):
+    target = tmp_path / "file"
+    target.write_text("not a directory")
+    with pytest.raises(ConfigError, match="cannot use .* as the run directory"):
+        run_experiment(tiny_config(), out_dir=target / "run", progress=False, log=lambda *_: None)

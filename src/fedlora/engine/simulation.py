@@ -103,7 +103,13 @@ def _open_run_dir(path: Path) -> Path:
     path = Path(path)
     if (path / "metrics.jsonl").exists() or (path / "adapter").exists():
         raise ConfigError(f"run directory {path} already holds a run; choose another --out")
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"cannot use {path} as the run directory: {exc.strerror or exc}") from None
     return path
 
 
