@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. --set lora.rank=4 (repeatable)")
     run.add_argument("--out", help="run directory (default: runs/<time>-<method>)")
+    run.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue an interrupted run from its last checkpoint (uses RUN_DIR/config.toml)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     info = sub.add_parser("info", help="list methods, models, data, partitioners and config keys")
     info.add_argument("--config-keys", action="store_true", help="also list every config key with its help")
@@ -42,9 +44,21 @@ def _cmd_run(args) -> int:
     from fedlora.config import load_config, to_toml
     from fedlora.engine.simulation import run_experiment
 
-    cfg = load_config(args.config, args.overrides)
+    if args.resume:
+        from pathlib import Path
+
+        from fedlora.errors import ConfigError
+
+        if args.out and Path(args.out) != Path(args.resume):
+            raise ConfigError("--resume RUN_DIR continues in RUN_DIR; drop --out")
+        saved = Path(args.resume) / "config.toml"
+        if not saved.is_file():
+            raise ConfigError(f"{args.resume} is not a run directory (no config.toml)")
+        cfg = load_config(args.config or saved, args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
     print("# resolved configuration\n" + to_toml(cfg), flush=True)
-    run_experiment(cfg, out_dir=args.out, progress=not args.quiet)
+    run_experiment(cfg, out_dir=args.resume or args.out, progress=not args.quiet, resume=bool(args.resume))
     return 0
 
 

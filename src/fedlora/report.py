@@ -33,6 +33,13 @@ class MetricsLog:
             os.fsync(fh.fileno())
         self.write_csv()
 
+    def replace(self, rows: list[dict]) -> None:
+        """Rewrite both files from ``rows`` (used on resume: the checkpoint's rows are the truth)."""
+        self.rows = list(rows)
+        _atomic_write(self.run_dir / "metrics.jsonl",
+                      "".join(json.dumps(r, default=_jsonable) + "\n" for r in self.rows))
+        self.write_csv()
+
     def write_csv(self) -> None:
         flat = [_flatten(r) for r in self.rows]
         extra = sorted({k for r in flat for k in r if k not in BASE_COLUMNS}, key=_natural)

@@ -15,6 +15,8 @@ fails in seconds with a clear message.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,13 +29,14 @@ from tqdm.auto import tqdm
 
 from fedlora import wire
 from fedlora.adapters import Adapter, initial_adapter
+from fedlora.checkpoint import CheckpointError, load_checkpoint, restore_rng, save_checkpoint
 from fedlora.client import steps_per_round, train_client
-from fedlora.config import ExperimentConfig, to_toml
+from fedlora.config import ExperimentConfig, to_dict, to_toml
 from fedlora.data.partition import partition, split_local
 from fedlora.data.tasks import ClassificationTask, Examples
 from fedlora.errors import ConfigError, UpdateError
 from fedlora.methods import get_method
-from fedlora.methods.base import Update
+from fedlora.methods.base import ServerState, Update
 from fedlora.models import LoraSlots, inject_lora, load_classifier
 from fedlora.privacy import ClientAccountant, ClientPrivacy, plan_privacy
 from fedlora.report import MetricsLog, plot_run
@@ -102,7 +105,8 @@ def _default_run_dir(cfg: ExperimentConfig) -> Path:
 def _open_run_dir(path: Path) -> Path:
     path = Path(path)
     if (path / "metrics.jsonl").exists() or (path / "adapter").exists():
-        raise ConfigError(f"run directory {path} already holds a run; choose another --out")
+        raise ConfigError(f"run directory {path} already holds a run; continue it with --resume {path} or choose "
+                          f"another --out")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
@@ -113,13 +117,56 @@ def _open_run_dir(path: Path) -> Path:
     return path
 
 
+def fault_point(phase: str, round_idx: int) -> None:
+    """Fault injection for reliability tests: ``FEDLORA_FAULT=PHASE@ROUND`` kills this process (SIGKILL, like a
+    power cut) when the run reaches that phase of that round.  Phases: ``train`` (after the first client trained),
+    ``aggregate`` (after aggregation and evaluation), ``checkpoint`` (tensor file written, commit point not yet),
+    ``metrics`` (checkpoint committed, metrics files not yet appended)."""
+    if os.environ.get("FEDLORA_FAULT") == f"{phase}@{round_idx}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def check_resume_config(saved_toml: str, cfg: ExperimentConfig) -> None:
+    """A resumed run must use the configuration it started with; only ``rounds`` may grow."""
+    import tempfile
+
+    from fedlora.config import load_config
+
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as fh:
+        fh.write(saved_toml)
+    try:
+        saved = to_dict(load_config(fh.name))
+    finally:
+        os.unlink(fh.name)
+    now = to_dict(cfg)
+    diffs = []
+    for section, values in now.items():
+        if isinstance(values, dict):
+            diffs += [f"{section}.{k}: {saved[section][k]!r} -> {v!r}" for k, v in values.items()
+                      if saved[section][k] != v]
+        elif section != "rounds" and saved[section] != values:
+            diffs.append(f"{section}: {saved[section]!r} -> {values!r}")
+    if now["rounds"] < saved["rounds"]:
+        diffs.append(f"rounds: {saved['rounds']} -> {now['rounds']} (rounds may only grow)")
+    if diffs:
+        raise CheckpointError("the configuration differs from the one the run started with: " + "; ".join(diffs)
+                              + ". Resume with the run's own config.toml (only rounds may be raised).")
+
+
 def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, progress: bool = True,
-                   log=print) -> RunResult:
+                   log=print, resume: bool = False) -> RunResult:
+    """Run (or, with ``resume=True``, continue from ``out_dir``'s last checkpoint) an experiment."""
     t_start = time.time()
     if cfg.model.threads:
         torch.set_num_threads(cfg.model.threads)
+    ckpt = None
+    if resume:
+        if out_dir is None:
+            raise CheckpointError("resume needs the run directory")
+        ckpt = load_checkpoint(Path(out_dir))
+        check_resume_config(ckpt.config_toml, cfg)
     prepared = prepare(cfg)
-    run_dir = _open_run_dir(Path(out_dir) if out_dir else _default_run_dir(cfg))
+    run_dir = _open_run_dir(Path(out_dir) if out_dir else _default_run_dir(cfg)) if ckpt is None else Path(out_dir)
     (run_dir / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
     task = prepared.task
     log(f"fedlora: {cfg.method} on {cfg.model.name}, {cfg.clients.num} clients "
@@ -140,8 +187,17 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, pro
     state = method.init_state(initial)
     accountant = ClientAccountant()
     metrics = MetricsLog(run_dir)
+    start = 1
+    if ckpt is not None:
+        state = ServerState(ckpt.state.adapter, ckpt.state.extra)
+        accountant.load_state_dict(ckpt.accountant)
+        metrics.replace(ckpt.metrics)  # drops any row written after the last committed checkpoint
+        restore_rng(ckpt.rng)
+        start = ckpt.round + 1
+        log(f"resuming {run_dir} after round {ckpt.round} of {cfg.rounds}")
+    plans = []
 
-    for t in range(1, cfg.rounds + 1):
+    for t in range(start, cfg.rounds + 1):
         t0 = time.time()
         sampled = sample_clients(cfg.seed, t, cfg.clients.num, cfg.clients.fraction)
         plans = method.configure(t, state, sampled)
@@ -168,6 +224,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, pro
                 continue
             updates.append(Update(update.client_id, update.num_examples, received, update.metrics))
             bar.set_postfix(loss=f"{update.metrics['loss']:.3f}")
+            fault_point("train", t)
         bar.close()
         state = method.aggregate(t, state, updates)
         row = _round_row(t, updates, dropped, up_bytes, down_bytes, prepared, accountant, cfg)
@@ -183,6 +240,10 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, pro
                 row["client_accuracy_mean"] = float(np.mean(list(per.values()))) if per else None
                 row["client_accuracy_min"] = float(np.min(list(per.values()))) if per else None
         row["wall_s"] = round(time.time() - t0, 3)
+        fault_point("aggregate", t)
+        save_checkpoint(run_dir, t, state, accountant.state_dict(), metrics.rows + [row], to_toml(cfg),
+                        fault=fault_point)
+        fault_point("metrics", t)
         metrics.append(row)
         plot_run(metrics.rows, run_dir / "metrics.png", title=f"{cfg.method} · {cfg.model.name}")
         log(_round_line(row, cfg))
