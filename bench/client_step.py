@@ -98,8 +98,8 @@ def main() -> int:
     ref = statistics.median(times["plain PEFT + torch"])
     print(f"# client step, MiniLM LoRA r=8 q,v, batch {BATCH} x seq {SEQ}, {torch.get_num_threads()} threads, "
           f"{args.steps} steps x {args.repeats} repeats (median)")
-    print(f"| variant | s/step | ratio to plain loop | upload bytes/client/round |")
-    print(f"|---|---|---|---|")
+    print("| variant | s/step | ratio to plain loop | upload bytes/client/round |")
+    print("|---|---|---|---|")
     for name in variants:
         med = statistics.median(times[name])
         up = upload[name]

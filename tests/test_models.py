@@ -1,5 +1,4 @@
 """Models: LoRA injection, zero-init identity (oracle O1), slots that swap adapters exactly, clear errors."""
-import types
 
 import pytest
 import torch

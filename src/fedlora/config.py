@@ -101,6 +101,15 @@ class DPConfig:
 
 
 @dataclass
+class RobustConfig:
+    aggregation: str = _f("mean", "How averaged tensors are merged: 'mean' (data-weighted FedAvg), 'median' "
+                          "(coordinate-wise) or 'trimmed_mean'.", choices=("mean", "median", "trimmed_mean"))
+    trim_fraction: float = _f(0.1, "trimmed_mean: fraction of clients dropped at each end, per coordinate.")
+    norm_bound: float = _f(0.0, "Scale each client's update (uploaded minus sent) to at most this L2 norm; 0 = off.")
+    max_update_mb: float = _f(0.0, "Reject uploads larger than this many MB; 0 = twice the size the plan implies.")
+
+
+@dataclass
 class EvalConfig:
     every: int = _f(1, "Evaluate the global model every N rounds (and always after the last).")
     per_client: bool = _f(True, "Also evaluate the global model on each client's local validation split.")
@@ -119,6 +128,7 @@ class ExperimentConfig:
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dp: DPConfig = field(default_factory=DPConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -268,7 +278,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _need(cfg.method in methods, "method", cfg.method, "one of " + ", ".join(methods))
     _need(cfg.rounds >= 1, "rounds", cfg.rounds, "a positive integer")
     _need(cfg.seed >= 0, "seed", cfg.seed, "a non-negative integer")
-    for name in ("model", "lora", "data", "clients", "train", "dp", "eval"):
+    for name in ("model", "lora", "data", "clients", "train", "dp", "robust", "eval"):
         _check_choices(getattr(cfg, name), f"{name}.")
 
     m = cfg.model
@@ -332,6 +342,11 @@ def validate(cfg: ExperimentConfig) -> None:
         _need(p.noise_multiplier > 0 or (p.epsilon > 0 and math.isfinite(p.epsilon)), "dp.epsilon", p.epsilon,
               "a positive finite target when dp.noise_multiplier = 0 (set one of them)")
 
+    r = cfg.robust
+    _need(0 <= r.trim_fraction < 0.5, "robust.trim_fraction", r.trim_fraction, "in [0, 0.5)")
+    _need(r.norm_bound >= 0 and math.isfinite(r.norm_bound), "robust.norm_bound", r.norm_bound,
+          "a non-negative finite number (0 = off)")
+    _need(r.max_update_mb >= 0, "robust.max_update_mb", r.max_update_mb, "non-negative (0 = automatic)")
     _need(cfg.eval.every >= 1, "eval.every", cfg.eval.every, "a positive integer")
     _need(cfg.eval.max_client_examples >= 0, "eval.max_client_examples", cfg.eval.max_client_examples,
           "a non-negative integer")

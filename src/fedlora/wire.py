@@ -27,6 +27,23 @@ def decode(payload: bytes) -> dict[str, Tensor]:
         raise UpdateError(f"payload is not valid safetensors: {exc}") from None
 
 
+def expected_size(expected: dict[str, Tensor]) -> int:
+    """Serialised size of a payload with exactly these keys, shapes and dtypes."""
+    return len(encode({k: torch.empty(0, dtype=v.dtype).new_zeros(v.shape) for k, v in expected.items()}))
+
+
+def receive_update(blob: bytes, expected: dict[str, Tensor], *, who: str, max_bytes: int = 0) -> dict[str, Tensor]:
+    """Everything the server does to an arriving upload before a method sees it: size limit (``max_bytes``, default
+    twice the planned size), safetensors parse, keys, shapes (rank within the plan), floating dtype, finite values;
+    tensors are cast to the planned dtype.  Raises :class:`UpdateError` with the reason."""
+    limit = max_bytes or 2 * expected_size(expected) + 4096
+    if len(blob) > limit:
+        raise UpdateError(f"{who}: payload of {len(blob)} bytes exceeds the limit of {limit} bytes")
+    tensors = decode(blob)
+    validate_tensors(tensors, expected, who=who)
+    return {k: v.to(expected[k].dtype) for k, v in tensors.items()}
+
+
 def validate_tensors(tensors: dict[str, Tensor], expected: dict[str, Tensor], *, who: str) -> None:
     """Check an incoming payload against the tensors we expect: same keys, shapes, floating dtype, finite values."""
     missing = sorted(set(expected) - set(tensors))
@@ -36,6 +53,10 @@ def validate_tensors(tensors: dict[str, Tensor], expected: dict[str, Tensor], *,
     for key, value in tensors.items():
         ref = expected[key]
         if tuple(value.shape) != tuple(ref.shape):
+            rank_dim = 0 if key.endswith(".lora_A.weight") else 1 if key.endswith(".lora_B.weight") else None
+            if rank_dim is not None and value.dim() == 2 and ref.dim() == 2 and value.shape[rank_dim] != ref.shape[rank_dim]:
+                raise UpdateError(f"{who}: {key} has rank {value.shape[rank_dim]}, the plan's rank is "
+                                  f"{ref.shape[rank_dim]}")
             raise UpdateError(f"{who}: {key} has shape {tuple(value.shape)}, expected {tuple(ref.shape)}")
         if not value.is_floating_point():
             raise UpdateError(f"{who}: {key} has dtype {value.dtype}, expected a floating dtype")

@@ -117,3 +117,32 @@ def test_unwritable_run_dir_is_a_clear_error(tmp_path, tiny_config):
     target.write_text("not a directory")
     with pytest.raises(ConfigError, match="cannot use .* as the run directory"):
         run_experiment(tiny_config(), out_dir=target / "run", progress=False, log=lambda *_: None)
+
+
+def test_malformed_updates_are_dropped_counted_and_the_run_goes_on(tmp_path, tiny_config, monkeypatch):
+    import fedlora.engine.simulation as sim
+
+    real = sim.train_client
+
+    def sabotage(**kw):
+        up = real(**kw)
+        if kw["plan"].client_id == 1:  # one client sends NaNs every round
+            up.tensors = {k: torch.full_like(v, float("nan")) for k, v in up.tensors.items()}
+        return up
+
+    monkeypatch.setattr(sim, "train_client", sabotage)
+    res = run_experiment(tiny_config("method=ffa"), out_dir=tmp_path / "run", progress=False, log=lambda *_: None)
+    rows = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["rejected"] == 1 and r["clients"] == 2 and "NaN" in r["dropped"]["1"] for r in rows)
+    assert all(torch.isfinite(v).all() for v in res.adapter.to_flat().values())
+    assert _csv(res.run_dir)[0]["rejected"] == "1"
+
+
+def test_norm_bounding_limits_every_client_update(tmp_path, tiny_config):
+    res = run_experiment(tiny_config("method=ffa", "robust.norm_bound=0.01", "rounds=1"), out_dir=tmp_path / "r",
+                         progress=False, log=lambda *_: None)
+    row = json.loads((res.run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert len(row["update_norm"]) == 3 and all(n > 0.01 for n in row["update_norm"].values())
+    # the aggregate moved by at most the bound (a mean of vectors of norm ≤ 0.01)
+    moved = sum(float((v ** 2).sum()) for k, v in res.adapter.to_flat(("lora_B",)).items()) ** 0.5
+    assert moved <= 0.01 + 1e-6

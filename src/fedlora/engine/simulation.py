@@ -33,13 +33,14 @@ from fedlora.checkpoint import CheckpointError, load_checkpoint, restore_rng, sa
 from fedlora.client import steps_per_round, train_client
 from fedlora.config import ExperimentConfig, to_dict, to_toml
 from fedlora.data.partition import partition, split_local
-from fedlora.data.tasks import ClassificationTask, Examples
+from fedlora.data.tasks import ClassificationTask
 from fedlora.errors import ConfigError, UpdateError
 from fedlora.methods import get_method
 from fedlora.methods.base import ServerState, Update
 from fedlora.models import LoraSlots, inject_lora, load_classifier
 from fedlora.privacy import ClientAccountant, ClientPrivacy, plan_privacy
 from fedlora.report import MetricsLog, plot_run
+from fedlora.robust import bound_norm
 
 
 @dataclass
@@ -203,6 +204,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, pro
         plans = method.configure(t, state, sampled)
         updates: list[Update] = []
         dropped: dict[int, str] = {}
+        norms: dict[int, float] = {}
         up_bytes = down_bytes = 0
         bar = tqdm(plans, desc=f"round {t}/{cfg.rounds}", unit="client", disable=not progress, leave=False,
                    file=sys.stderr)
@@ -216,18 +218,22 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, pro
                                   accountant=accountant, secure_rng=cfg.dp.secure_rng)
             blob = wire.encode(update.tensors)
             up_bytes += len(blob)
-            try:
-                received = wire.decode(blob)
-                wire.validate_tensors(received, initial.to_flat(plan.upload), who=f"client {plan.client_id}")
-            except UpdateError as exc:
-                dropped[plan.client_id] = str(exc)
+            received, reason = _receive(blob, plan, initial, cfg)
+            if reason is not None:
+                dropped[plan.client_id] = reason
                 continue
+            if cfg.robust.norm_bound > 0:
+                reference = initial.with_tensors(plan.download).to_flat(plan.upload)
+                received, norm = bound_norm(received, reference, cfg.robust.norm_bound)
+                norms[plan.client_id] = norm
             updates.append(Update(update.client_id, update.num_examples, received, update.metrics))
             bar.set_postfix(loss=f"{update.metrics['loss']:.3f}")
             fault_point("train", t)
         bar.close()
         state = method.aggregate(t, state, updates)
         row = _round_row(t, updates, dropped, up_bytes, down_bytes, prepared, accountant, cfg)
+        if norms:
+            row["update_norm"] = norms
 
         if t % cfg.eval.every == 0 or t == cfg.rounds:
             slots.load(method.global_adapter(state))
@@ -262,11 +268,22 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, pro
     return RunResult(run_dir, metrics.rows, final)
 
 
+def _receive(blob: bytes, plan, initial: Adapter, cfg) -> tuple[dict, str | None]:
+    """Server-side checks of one upload; a bad one is dropped with its reason instead of stopping the run."""
+    try:
+        limit = int(cfg.robust.max_update_mb * 1e6)
+        return wire.receive_update(blob, initial.to_flat(plan.upload), who=f"client {plan.client_id}",
+                                   max_bytes=limit), None
+    except UpdateError as exc:
+        return {}, str(exc)
+
+
 def _round_row(t, updates, dropped, up_bytes, down_bytes, prepared, accountant, cfg) -> dict:
     n = sum(u.num_examples for u in updates)
     loss = sum(u.metrics["loss"] * u.num_examples for u in updates) / n if n else None
     row = {"round": t, "loss": loss, "accuracy": None, "eval_loss": None, "upload_bytes": up_bytes,
            "download_bytes": down_bytes, "epsilon": None, "clients": len(updates)}
+    row["rejected"] = len(dropped)
     if dropped:
         row["dropped"] = dropped
     if cfg.dp.enabled:

@@ -14,10 +14,10 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor
 
 from fedlora.adapters import Adapter
+from fedlora.robust import combine
 
 
 @dataclass(frozen=True)
@@ -64,20 +64,20 @@ def data_weights(updates: list[Update]) -> list[float]:
 
 def weighted_average(tensors: list[Tensor], weights: list[float]) -> Tensor:
     """``Σ_k p_k · t_k`` accumulated in float64, returned in the dtype of the first tensor."""
-    acc = torch.zeros_like(tensors[0], dtype=torch.float64)
-    for t, w in zip(tensors, weights):
-        acc.add_(t.to(torch.float64), alpha=w)
-    return acc.to(tensors[0].dtype)
+    return combine(tensors, weights, "mean")
 
 
-def average_uploaded(state: ServerState, updates: list[Update]) -> ServerState:
-    """FedAvg of every uploaded tensor with data-size weights; tensors nobody uploads keep their global value."""
+def average_uploaded(state: ServerState, updates: list[Update], robust: Any = None) -> ServerState:
+    """FedAvg of every uploaded tensor with data-size weights (or the robust rule of ``cfg.robust``); tensors nobody
+    uploads keep their global value."""
     if not updates:
         return state
     weights = data_weights(updates)
+    rule = getattr(robust, "aggregation", "mean")
+    trim = getattr(robust, "trim_fraction", 0.1)
     keys = updates[0].tensors.keys()
-    averaged = {k: weighted_average([u.tensors[k] for u in updates], weights) for k in keys}
-    return ServerState(state.adapter.with_tensors(averaged), dict(state.extra))
+    merged = {k: combine([u.tensors[k] for u in updates], weights, rule, trim) for k in keys}
+    return ServerState(state.adapter.with_tensors(merged), dict(state.extra))
 
 
 class Method(ABC):

@@ -23,4 +23,4 @@ class FedIT(Method):
         return [ClientPlan(cid, download, train=roles, upload=roles) for cid in client_ids]
 
     def aggregate(self, round_idx: int, state: ServerState, updates: list[Update]) -> ServerState:
-        return average_uploaded(state, updates)
+        return average_uploaded(state, updates, getattr(self.cfg, "robust", None))

@@ -47,4 +47,4 @@ class FFALoRA(Method):
             if got is not None and int(got) != expected:
                 raise UpdateError(f"client {u.client_id} trained with a different A (checksum {int(got)} != "
                                   f"{expected}); FFA-LoRA needs the identical shared A on every client")
-        return average_uploaded(state, updates)
+        return average_uploaded(state, updates, getattr(self.cfg, "robust", None))
