@@ -65,3 +65,8 @@ def test_model_paths(tmp_path):
         resolve_model_path(str(tmp_path))
     with pytest.raises(ModelError, match="no such directory"):
         resolve_model_path("./not/here")
+
+
+def test_rank_larger_than_the_module_is_a_clear_error():
+    with pytest.raises(ModelError, match=r"lora.rank = 17 exceeds .* at most min\(d_out, d_in\) = 16"):
+        inject_lora(tiny_bert(), lora_cfg(rank=17, targets=("query",)))

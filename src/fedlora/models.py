@@ -71,6 +71,13 @@ def inject_lora(model: nn.Module, lora_cfg, task_type: str = "SEQ_CLS"):
     if missing:
         raise ModelError(f"lora.target_modules {missing} match no linear module of this model; linear module names "
                          f"include: {', '.join(sorted(present)[:20])}")
+    too_small = sorted({(m.out_features, m.in_features) for n, m in model.named_modules()
+                        if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in lora_cfg.target_modules
+                        and lora_cfg.rank > min(m.out_features, m.in_features)})
+    if too_small:
+        raise ModelError(f"lora.rank = {lora_cfg.rank} exceeds the size of target modules of shape "
+                         f"{too_small[0][0]}x{too_small[0][1]}: a LoRA rank must be at most min(d_out, d_in) = "
+                         f"{min(too_small[0])}")
     config = LoraConfig(r=lora_cfg.rank, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
                         target_modules=list(lora_cfg.target_modules), task_type=getattr(TaskType, task_type))
     peft_model = get_peft_model(model, config)
