@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedlora: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fedlora: interrupted; metrics of completed rounds are in the run directory", file=sys.stderr)
+        print("fedlora: interrupted; every completed round is checkpointed in the run directory: continue with "
+              "`fedlora run --resume RUN_DIR`", file=sys.stderr)
         return 130
 
 

@@ -34,6 +34,7 @@ def test_two_rounds_end_to_end_and_artifacts(tmp_path, tiny_config, method):
     raw_b, head = 12 * 384 * 8 * 4, (2 * 384 + 2) * 4
     expected_raw = 3 * (raw_b * (2 if method == "fedit" else 1) + head)
     assert expected_raw < up < expected_raw * 1.02  # + safetensors JSON headers (~1.1% here)
+    assert not (d / "adapter.tmp").exists() and not (d / "summary.json.tmp").exists()
     summary = json.loads((d / "summary.json").read_text())
     assert summary["final_accuracy"] == pytest.approx(res.final_accuracy)
 

@@ -256,16 +256,30 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, pro
 
     final = method.global_adapter(state)
     slots.load(final)
-    model.save_pretrained(str(run_dir / "adapter"))
+    _export_adapter(model, run_dir)
     summary = {"method": cfg.method, "rounds": cfg.rounds, "final_accuracy": metrics.rows[-1].get("accuracy"),
                "total_upload_bytes": sum(r["upload_bytes"] for r in metrics.rows),
                "total_download_bytes": sum(r["download_bytes"] for r in metrics.rows),
                "max_epsilon": max((r["epsilon"] or 0.0) for r in metrics.rows) if cfg.dp.enabled else None,
                "wall_s": round(time.time() - t_start, 1),
                "trainable_parameters_per_client": final.num_parameters(plans[0].train) if plans else None}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    tmp = run_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, run_dir / "summary.json")  # written last: its presence marks a complete run
     log(f"final validation accuracy: {summary['final_accuracy']:.4f}  ({summary['wall_s']} s)  -> {run_dir}")
     return RunResult(run_dir, metrics.rows, final)
+
+
+def _export_adapter(model, run_dir: Path) -> None:
+    """Save the PEFT adapter to a temporary folder, then swap it in: ``adapter/`` is never half-written."""
+    import shutil
+
+    tmp, final = run_dir / "adapter.tmp", run_dir / "adapter"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
 
 
 def _receive(blob: bytes, plan, initial: Adapter, cfg) -> tuple[dict, str | None]:
