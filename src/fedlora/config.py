@@ -188,6 +188,18 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def from_toml(text: str, where: str = "config") -> ExperimentConfig:
+    """Defaults <- the TOML ``text``, then :func:`validate` (no overrides)."""
+    cfg = ExperimentConfig()
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where} is not valid TOML: {exc}") from None
+    _apply(cfg, data)
+    validate(cfg)
+    return cfg
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Defaults <- TOML file <- ``--set`` overrides, then :func:`validate`."""
     cfg = ExperimentConfig()

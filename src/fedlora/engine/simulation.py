@@ -31,7 +31,7 @@ from fedlora import wire
 from fedlora.adapters import Adapter, initial_adapter
 from fedlora.checkpoint import CheckpointError, load_checkpoint, restore_rng, save_checkpoint
 from fedlora.client import steps_per_round, train_client
-from fedlora.config import ExperimentConfig, to_dict, to_toml
+from fedlora.config import ExperimentConfig, from_toml, to_dict, to_toml
 from fedlora.data.partition import partition, split_local
 from fedlora.data.tasks import ClassificationTask
 from fedlora.errors import ConfigError, UpdateError
@@ -129,16 +129,7 @@ def fault_point(phase: str, round_idx: int) -> None:
 
 def check_resume_config(saved_toml: str, cfg: ExperimentConfig) -> None:
     """A resumed run must use the configuration it started with; only ``rounds`` may grow."""
-    import tempfile
-
-    from fedlora.config import load_config
-
-    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as fh:
-        fh.write(saved_toml)
-    try:
-        saved = to_dict(load_config(fh.name))
-    finally:
-        os.unlink(fh.name)
+    saved = to_dict(from_toml(saved_toml, "the checkpoint's config"))
     now = to_dict(cfg)
     diffs = []
     for section, values in now.items():
@@ -202,49 +193,13 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, pro
         t0 = time.time()
         sampled = sample_clients(cfg.seed, t, cfg.clients.num, cfg.clients.fraction)
         plans = method.configure(t, state, sampled)
-        updates: list[Update] = []
-        dropped: dict[int, str] = {}
-        norms: dict[int, float] = {}
-        up_bytes = down_bytes = 0
-        bar = tqdm(plans, desc=f"round {t}/{cfg.rounds}", unit="client", disable=not progress, leave=False,
-                   file=sys.stderr)
-        for plan in bar:
-            payload = wire.encode(plan.download)
-            down_bytes += len(payload)
-            plan = type(plan)(plan.client_id, wire.decode(payload), plan.train, plan.upload, plan.config)
-            update = train_client(model=model, slots=slots, initial=initial, plan=plan,
-                                  examples=client_train[plan.client_id], loss_fn=task.loss, train_cfg=cfg.train,
-                                  round_idx=t, seed=cfg.seed, privacy=prepared.privacy.get(plan.client_id),
-                                  accountant=accountant, secure_rng=cfg.dp.secure_rng)
-            blob = wire.encode(update.tensors)
-            up_bytes += len(blob)
-            received, reason = _receive(blob, plan, initial, cfg)
-            if reason is not None:
-                dropped[plan.client_id] = reason
-                continue
-            if cfg.robust.norm_bound > 0:
-                reference = initial.with_tensors(plan.download).to_flat(plan.upload)
-                received, norm = bound_norm(received, reference, cfg.robust.norm_bound)
-                norms[plan.client_id] = norm
-            updates.append(Update(update.client_id, update.num_examples, received, update.metrics))
-            bar.set_postfix(loss=f"{update.metrics['loss']:.3f}")
-            fault_point("train", t)
-        bar.close()
-        state = method.aggregate(t, state, updates)
-        row = _round_row(t, updates, dropped, up_bytes, down_bytes, prepared, accountant, cfg)
-        if norms:
-            row["update_norm"] = norms
-
+        received = _collect_updates(t, plans, model, slots, initial, client_train, task, prepared, accountant,
+                                    progress)
+        state = method.aggregate(t, state, received.updates)
+        row = _round_row(t, received, prepared, accountant, cfg)
         if t % cfg.eval.every == 0 or t == cfg.rounds:
             slots.load(method.global_adapter(state))
-            ev = task.evaluate(model, val_examples, cfg.train.eval_batch_size)
-            row.update(accuracy=ev["accuracy"], eval_loss=ev["loss"])
-            if cfg.eval.per_client:
-                per = {k: task.evaluate(model, client_val[k], cfg.train.eval_batch_size)["accuracy"]
-                       for k in range(cfg.clients.num) if len(client_val[k])}
-                row["client_accuracy"] = per
-                row["client_accuracy_mean"] = float(np.mean(list(per.values()))) if per else None
-                row["client_accuracy_min"] = float(np.min(list(per.values()))) if per else None
+            row.update(_evaluate(model, task, val_examples, client_val, cfg))
         row["wall_s"] = round(time.time() - t0, 3)
         fault_point("aggregate", t)
         save_checkpoint(run_dir, t, state, accountant.state_dict(), metrics.rows + [row], to_toml(cfg),
@@ -282,6 +237,61 @@ def _export_adapter(model, run_dir: Path) -> None:
     os.replace(tmp, final)
 
 
+@dataclass
+class RoundUpdates:
+    """What the server received in one round: accepted updates, drops with reasons, traffic and update norms."""
+
+    updates: list[Update] = field(default_factory=list)
+    dropped: dict[int, str] = field(default_factory=dict)
+    norms: dict[int, float] = field(default_factory=dict)
+    up_bytes: int = 0
+    down_bytes: int = 0
+
+
+def _collect_updates(t, plans, model, slots, initial, client_train, task, prepared, accountant,
+                     progress) -> RoundUpdates:
+    """Send each plan over the wire, train the client, receive and check its upload (bytes counted both ways)."""
+    cfg = prepared.cfg
+    out = RoundUpdates()
+    bar = tqdm(plans, desc=f"round {t}/{cfg.rounds}", unit="client", disable=not progress, leave=False,
+               file=sys.stderr)
+    for plan in bar:
+        payload = wire.encode(plan.download)
+        out.down_bytes += len(payload)
+        plan = type(plan)(plan.client_id, wire.decode(payload), plan.train, plan.upload, plan.config)
+        update = train_client(model=model, slots=slots, initial=initial, plan=plan,
+                              examples=client_train[plan.client_id], loss_fn=task.loss, train_cfg=cfg.train,
+                              round_idx=t, seed=cfg.seed, privacy=prepared.privacy.get(plan.client_id),
+                              accountant=accountant, secure_rng=cfg.dp.secure_rng)
+        blob = wire.encode(update.tensors)
+        out.up_bytes += len(blob)
+        received, reason = _receive(blob, plan, initial, cfg)
+        if reason is not None:
+            out.dropped[plan.client_id] = reason
+            continue
+        if cfg.robust.norm_bound > 0:
+            reference = initial.with_tensors(plan.download).to_flat(plan.upload)
+            received, out.norms[plan.client_id] = bound_norm(received, reference, cfg.robust.norm_bound)
+        out.updates.append(Update(update.client_id, update.num_examples, received, update.metrics))
+        bar.set_postfix(loss=f"{update.metrics['loss']:.3f}")
+        fault_point("train", t)
+    bar.close()
+    return out
+
+
+def _evaluate(model, task, val_examples, client_val, cfg) -> dict:
+    """Global model on the validation set, and on each client's local validation split."""
+    ev = task.evaluate(model, val_examples, cfg.train.eval_batch_size)
+    row = {"accuracy": ev["accuracy"], "eval_loss": ev["loss"]}
+    if cfg.eval.per_client:
+        per = {k: task.evaluate(model, client_val[k], cfg.train.eval_batch_size)["accuracy"]
+               for k in range(cfg.clients.num) if len(client_val[k])}
+        row["client_accuracy"] = per
+        row["client_accuracy_mean"] = float(np.mean(list(per.values()))) if per else None
+        row["client_accuracy_min"] = float(np.min(list(per.values()))) if per else None
+    return row
+
+
 def _receive(blob: bytes, plan, initial: Adapter, cfg) -> tuple[dict, str | None]:
     """Server-side checks of one upload; a bad one is dropped with its reason instead of stopping the run."""
     try:
@@ -292,14 +302,17 @@ def _receive(blob: bytes, plan, initial: Adapter, cfg) -> tuple[dict, str | None
         return {}, str(exc)
 
 
-def _round_row(t, updates, dropped, up_bytes, down_bytes, prepared, accountant, cfg) -> dict:
+def _round_row(t, received: RoundUpdates, prepared, accountant, cfg) -> dict:
+    updates = received.updates
     n = sum(u.num_examples for u in updates)
     loss = sum(u.metrics["loss"] * u.num_examples for u in updates) / n if n else None
-    row = {"round": t, "loss": loss, "accuracy": None, "eval_loss": None, "upload_bytes": up_bytes,
-           "download_bytes": down_bytes, "epsilon": None, "clients": len(updates)}
-    row["rejected"] = len(dropped)
-    if dropped:
-        row["dropped"] = dropped
+    row = {"round": t, "loss": loss, "accuracy": None, "eval_loss": None, "upload_bytes": received.up_bytes,
+           "download_bytes": received.down_bytes, "epsilon": None, "clients": len(updates),
+           "rejected": len(received.dropped)}
+    if received.dropped:
+        row["dropped"] = received.dropped
+    if received.norms:
+        row["update_norm"] = received.norms
     if cfg.dp.enabled:
         eps = {k: accountant.epsilon(k, cfg.dp.delta) for k in range(cfg.clients.num)}
         row["epsilon"] = max(eps.values())
