@@ -53,3 +53,28 @@ def test_tiny_example_runs_with_a_method_override(tmp_path):
     assert 'method = "fedit"' in (out / "config.toml").read_text()
     with open(out / "metrics.csv") as fh:
         assert len(list(csv.DictReader(fh))) == 1
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in (REPO / "examples").glob("*.toml")))
+def test_every_example_config_is_valid(example):
+    from fedlora.config import load_config
+
+    if not (REPO.parent / "shared" / "data").is_dir() and "shared" in (REPO / "examples" / example).read_text():
+        pytest.skip("../shared/data is not beside this checkout")
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        load_config(REPO / "examples" / example)
+    finally:
+        os.chdir(cwd)
+
+
+def test_sentence_pair_example_runs_one_round(tmp_path):
+    if not (REPO.parent / "shared" / "data" / "glue" / "rte").is_dir():
+        pytest.skip("../shared/data is not beside this checkout")
+    r = _fedlora("run", "--config", "examples/rte.toml", "--set", "rounds=1", "--set", "data.max_train_examples=90",
+                 "--set", "data.max_eval_examples=16", "--set", "train.local_steps=1", "--set", "model.max_length=32",
+                 "--out", str(tmp_path / "rte"), "--quiet")
+    assert r.returncode == 0, r.stderr

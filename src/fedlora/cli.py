@@ -35,6 +35,18 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="RUN_DIR",
                      help="continue an interrupted run from its last checkpoint (uses RUN_DIR/config.toml)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    cmp = sub.add_parser("compare", help="run a grid of methods x seeds x config values on identical partitions")
+    cmp.add_argument("--config", help="TOML config file shared by every cell")
+    cmp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key for every cell (repeatable)")
+    cmp.add_argument("--methods", required=True, help="comma-separated methods, e.g. fedit,ffa")
+    cmp.add_argument("--seeds", type=int, default=1, help="seeds per cell: seed, seed+1, ... (default 1)")
+    cmp.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                     help="a config key and its values (repeatable; cartesian product); dp.epsilon=inf = no DP")
+    cmp.add_argument("--out", required=True, help="comparison directory (re-run the command to resume it)")
+    cmp.add_argument("--quiet", action="store_true", help="no progress bars")
+    rep = sub.add_parser("report", help="rebuild tables and plots of a run or comparison from its saved metrics")
+    rep.add_argument("path", help="a run directory or a comparison directory")
     info = sub.add_parser("info", help="list methods, models, data, partitioners and config keys")
     info.add_argument("--config-keys", action="store_true", help="also list every config key with its help")
     return ap
@@ -59,6 +71,36 @@ def _cmd_run(args) -> int:
         cfg = load_config(args.config, args.overrides)
     print("# resolved configuration\n" + to_toml(cfg), flush=True)
     run_experiment(cfg, out_dir=args.resume or args.out, progress=not args.quiet, resume=bool(args.resume))
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from fedlora.compare import parse_grid, plan_cells, run_compare
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    cells = plan_cells(args.config, args.overrides, methods, args.seeds, parse_grid(args.grid))
+    print(f"fedlora compare: {len(cells)} runs ({len(methods)} methods x {args.seeds} seeds x grid) -> {args.out}",
+          flush=True)
+    out = run_compare(cells, args.out, progress=not args.quiet)
+    print((out / "summary.md").read_text(encoding="utf-8"))
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from pathlib import Path
+
+    from fedlora.compare import report_compare, report_run
+    from fedlora.errors import ConfigError
+
+    path = Path(args.path)
+    if (path / "compare.json").is_file():
+        report_compare(path)
+        print((path / "summary.md").read_text(encoding="utf-8"))
+    elif (path / "metrics.jsonl").is_file():
+        report_run(path)
+        print(f"rewrote {path / 'metrics.csv'} and {path / 'metrics.png'}")
+    else:
+        raise ConfigError(f"{path} is neither a run directory (metrics.jsonl) nor a comparison (compare.json)")
     return 0
 
 
@@ -98,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     from fedlora.errors import FedloraError
 
     try:
-        return {"run": _cmd_run, "info": _cmd_info}[args.command](args)
+        return {"run": _cmd_run, "compare": _cmd_compare, "report": _cmd_report, "info": _cmd_info}[args.command](args)
     except FedloraError as exc:
         print(f"fedlora: error: {exc}", file=sys.stderr)
         return 2

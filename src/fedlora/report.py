@@ -100,6 +100,7 @@ def plot_run(rows: list[dict], path: Path, title: str = "") -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rounds = [r["round"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
@@ -125,6 +126,8 @@ def plot_run(rows: list[dict], path: Path, title: str = "") -> None:
         axes[2].plot(rounds, series, marker=marker, label=key.split("_")[0])
     axes[2].set(title="cumulative traffic (MB, measured)", xlabel="round")
     axes[2].legend(fontsize=8)
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -99,6 +99,14 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
     return prepared
 
 
+def partition_digest(prepared: Prepared) -> str:
+    """SHA-256 of every client's train/validation row indices: equal digests mean identical client data."""
+    import hashlib
+
+    rows = [[c.train_rows, c.val_rows] for c in prepared.clients]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+
+
 def _default_run_dir(cfg: ExperimentConfig) -> Path:
     return Path("runs") / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{cfg.method}"
 
@@ -217,7 +225,9 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, pro
                "total_download_bytes": sum(r["download_bytes"] for r in metrics.rows),
                "max_epsilon": max((r["epsilon"] or 0.0) for r in metrics.rows) if cfg.dp.enabled else None,
                "wall_s": round(time.time() - t_start, 1),
-               "trainable_parameters_per_client": final.num_parameters(plans[0].train) if plans else None}
+               "trainable_parameters_per_client": final.num_parameters(plans[0].train) if plans else None,
+               "client_train_examples": [len(c.train_rows) for c in prepared.clients],
+               "partition_sha256": partition_digest(prepared)}
     tmp = run_dir / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, run_dir / "summary.json")  # written last: its presence marks a complete run

@@ -1,0 +1,238 @@
+"""Side-by-side comparisons: a grid of methods × seeds × config values, each cell a normal run directory.
+
+    fedlora compare --config examples/tiny.toml --methods fedit,ffa --seeds 3 --grid "dp.epsilon=1,3,inf"
+
+Every cell is validated before the first one starts.  Cells run one after another into ``OUT/cells/<cell>/``; a cell
+with ``summary.json`` is finished and never re-run, a cell with a checkpoint is resumed, so an interrupted compare
+continues where it stopped.  For one seed, every method sees identical client partitions (the partition depends on
+the data and the seed only).  ``dp.epsilon=inf`` in a grid means a non-private cell.  The comparison report
+(``summary.csv``, ``summary.md``, plots) is rebuilt from the cells' saved metrics by :func:`report_compare`.
+"""
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedlora.config import ExperimentConfig, load_config
+from fedlora.errors import ConfigError
+from fedlora.report import read_metrics
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str
+    seed: int
+    grid: tuple[tuple[str, str], ...]  # (key, value) in grid order
+
+    @property
+    def name(self) -> str:
+        parts = [f"method={self.method}"] + [f"{k}={v}" for k, v in self.grid] + [f"seed={self.seed}"]
+        return "__".join(p.replace("/", "_") for p in parts)
+
+    def overrides(self) -> list[str]:
+        out = [f"method={self.method}", f"seed={self.seed}"]
+        for k, v in self.grid:
+            if k == "dp.epsilon":
+                private = not (v.lower() in ("inf", "+inf") or math.isinf(float(v)))
+                out.append(f"dp.enabled={'true' if private else 'false'}")
+                if private:
+                    out.append(f"dp.epsilon={v}")
+                continue
+            out.append(f"{k}={v}")
+        return out
+
+
+def parse_grid(specs: list[str]) -> list[tuple[str, list[str]]]:
+    """``["dp.epsilon=1,3,inf", "lora.rank=4,8"]`` → ``[("dp.epsilon", ["1","3","inf"]), ("lora.rank", ["4","8"])]``."""
+    out = []
+    for spec in specs:
+        if "=" not in spec:
+            raise ConfigError(f"--grid expects KEY=V1,V2,..., got {spec!r}")
+        key, values = spec.split("=", 1)
+        vals = [v.strip() for v in values.split(",") if v.strip()]
+        if not key.strip() or not vals:
+            raise ConfigError(f"--grid expects KEY=V1,V2,..., got {spec!r}")
+        if key.strip() in ("method", "seed"):
+            raise ConfigError(f"--grid {key}: use --methods / --seeds for that")
+        out.append((key.strip(), vals))
+    return out
+
+
+def plan_cells(config: str | None, overrides: list[str], methods: list[str], seeds: int,
+               grid: list[tuple[str, list[str]]]) -> list[tuple[Cell, ExperimentConfig]]:
+    """Every cell with its validated config; the first invalid cell stops everything before any run starts."""
+    if not methods:
+        raise ConfigError("--methods needs at least one method, e.g. --methods fedit,ffa")
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be a positive integer, got {seeds}")
+    base = load_config(config, overrides)
+    cells = []
+    keys = [k for k, _ in grid]
+    for method in methods:
+        for combo in itertools.product(*[vals for _, vals in grid]):
+            for i in range(seeds):
+                cell = Cell(method, base.seed + i, tuple(zip(keys, combo)))
+                try:
+                    cfg = load_config(config, overrides + cell.overrides())
+                except ConfigError as exc:
+                    raise ConfigError(f"cell {cell.name}: {exc}") from None
+                cells.append((cell, cfg))
+    return cells
+
+
+def run_compare(cells: list[tuple[Cell, ExperimentConfig]], out: Path, progress: bool = True, log=print) -> Path:
+    """Run every unfinished cell (resuming checkpointed ones), then write the report."""
+    from fedlora.engine.simulation import run_experiment
+
+    out = Path(out)
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    plan = [{"cell": c.name, "method": c.method, "seed": c.seed, "grid": dict(c.grid)} for c, _ in cells]
+    (out / "compare.json").write_text(json.dumps(plan, indent=1) + "\n", encoding="utf-8")
+    for i, (cell, cfg) in enumerate(cells, 1):
+        d = out / "cells" / cell.name
+        if (d / "summary.json").is_file():
+            log(f"[{i}/{len(cells)}] {cell.name}: finished earlier, kept")
+            continue
+        resume = (d / "checkpoint" / "checkpoint.json").is_file()
+        if d.exists() and not resume:
+            shutil.rmtree(d)  # started but no round completed: nothing to keep
+        log(f"[{i}/{len(cells)}] {cell.name}: {'resuming' if resume else 'running'}")
+        run_experiment(cfg, out_dir=d, progress=progress, log=lambda *_: None, resume=resume)
+    report_compare(out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report (also `fedlora report DIR`)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _cell_results(out: Path) -> list[dict]:
+    plan = json.loads((out / "compare.json").read_text(encoding="utf-8"))
+    results = []
+    for entry in plan:
+        d = out / "cells" / entry["cell"]
+        summary = d / "summary.json"
+        if not summary.is_file():
+            continue
+        results.append({**entry, "summary": json.loads(summary.read_text()), "metrics": read_metrics(d)})
+    return results
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    a = np.asarray([x for x in xs if x is not None], dtype=float)
+    if a.size == 0:
+        return float("nan"), float("nan")
+    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
+
+
+def report_compare(out: Path) -> list[dict]:
+    """summary.csv / summary.md (mean ± std per method × grid cell) and plots, from saved metrics only."""
+    out = Path(out)
+    results = _cell_results(out)
+    if not results:
+        raise ConfigError(f"{out} has no finished cells to report")
+    grid_keys = list(results[0]["grid"])
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["method"], *[r["grid"][k] for k in grid_keys]), []).append(r)
+    rows = []
+    for key, rs in groups.items():
+        acc_m, acc_s = _mean_std([r["summary"]["final_accuracy"] for r in rs])
+        eps = [r["summary"].get("max_epsilon") for r in rs]
+        rows.append({"method": key[0], **dict(zip(grid_keys, key[1:])), "seeds": len(rs),
+                     "final_accuracy_mean": acc_m, "final_accuracy_std": acc_s,
+                     "total_upload_bytes": _mean_std([r["summary"]["total_upload_bytes"] for r in rs])[0],
+                     "total_download_bytes": _mean_std([r["summary"]["total_download_bytes"] for r in rs])[0],
+                     "max_epsilon": _mean_std(eps)[0] if any(e is not None for e in eps) else None,
+                     "wall_s": _mean_std([r["summary"]["wall_s"] for r in rs])[0]})
+    cols = list(rows[0])
+    with open(out / "summary.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols)
+        w.writeheader()
+        w.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+    (out / "summary.md").write_text(_markdown(rows, grid_keys), encoding="utf-8")
+    _plot_compare(results, grid_keys, rows, out)
+    return rows
+
+
+def _markdown(rows: list[dict], grid_keys: list[str]) -> str:
+    head = ["method", *grid_keys, "seeds", "final accuracy", "upload (MB)", "max ε"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        eps = "–" if r["max_epsilon"] is None else f"{r['max_epsilon']:.2f}"
+        lines.append("| " + " | ".join([r["method"], *[str(r[k]) for k in grid_keys], str(r["seeds"]),
+                                        f"{r['final_accuracy_mean']:.4f} ± {r['final_accuracy_std']:.4f}",
+                                        f"{r['total_upload_bytes'] / 1e6:.2f}", eps]) + " |")
+    lines += ["", "Who won where (highest mean final accuracy; margin to the runner-up):", ""]
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows:
+        cells.setdefault(tuple(r[k] for k in grid_keys), []).append(r)
+    for key, rs in cells.items():
+        rs = sorted(rs, key=lambda r: -r["final_accuracy_mean"])
+        where = ", ".join(f"{k}={v}" for k, v in zip(grid_keys, key)) or "all runs"
+        if len(rs) == 1:
+            lines.append(f"- {where}: {rs[0]['method']} (only method)")
+            continue
+        margin = rs[0]["final_accuracy_mean"] - rs[1]["final_accuracy_mean"]
+        noise = max(rs[0]["final_accuracy_std"], rs[1]["final_accuracy_std"])
+        verdict = "" if margin > noise else " — within one standard deviation, not a clear win"
+        lines.append(f"- {where}: **{rs[0]['method']}** by {margin:+.4f} over {rs[1]['method']}{verdict}")
+    return "\n".join(lines) + "\n"
+
+
+def _plot_compare(results: list[dict], grid_keys: list[str], rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    panels: dict[tuple, dict[str, list[list[float]]]] = {}
+    for r in results:
+        key = tuple(r["grid"][k] for k in grid_keys)
+        acc = [m.get("accuracy") for m in r["metrics"]]
+        panels.setdefault(key, {}).setdefault(r["method"], []).append(acc)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
+    for ax, (key, by_method) in zip(axes[0], panels.items()):
+        for method, curves in sorted(by_method.items()):
+            n = min(len(c) for c in curves)
+            a = np.array([[np.nan if v is None else v for v in c[:n]] for c in curves], dtype=float)
+            x = np.arange(1, n + 1)
+            mean, std = np.nanmean(a, axis=0), np.nanstd(a, axis=0)
+            ax.plot(x, mean, marker="o", label=f"{method} (n={len(curves)})")
+            ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+        ax.set(title=", ".join(f"{k}={v}" for k, v in zip(grid_keys, key)) or "accuracy", xlabel="round",
+               ylabel="validation accuracy")
+        ax.legend(fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    labels = [" ".join([r["method"], *[f"{k}={r[k]}" for k in grid_keys]]) for r in rows]
+    ax.barh(labels, [r["total_upload_bytes"] / 1e6 for r in rows])
+    ax.set(xlabel="total upload per run (MB, measured)", title="communication")
+    fig.tight_layout()
+    fig.savefig(out / "communication.png", dpi=110)
+    plt.close(fig)
+
+
+def report_run(run_dir: Path) -> None:
+    """Regenerate metrics.csv and metrics.png of one run from its metrics.jsonl."""
+    from fedlora.report import MetricsLog, plot_run
+
+    rows = read_metrics(run_dir)
+    if not rows:
+        raise ConfigError(f"{run_dir} has no metrics.jsonl to report")
+    log = MetricsLog(run_dir)
+    log.rows = rows
+    log.write_csv()
+    plot_run(rows, Path(run_dir) / "metrics.png", title=Path(run_dir).name)

@@ -1,0 +1,80 @@
+"""`fedlora compare` and `fedlora report`: grid cells on identical partitions, resumable, summary table and plots."""
+import csv
+import json
+
+import pytest
+
+from fedlora.cli import main
+from fedlora.compare import Cell, parse_grid, plan_cells
+from fedlora.errors import ConfigError
+
+TINY = ["--set", "rounds=1", "--set", "data.max_train_examples=48", "--set", "data.max_eval_examples=16",
+        "--set", "train.local_steps=1", "--set", "train.batch_size=8", "--set", "model.max_length=16",
+        "--set", "eval.per_client=false"]
+
+
+def test_grid_parsing_and_cell_overrides():
+    assert parse_grid(["dp.epsilon=1,3,inf", "lora.rank=4"]) == [("dp.epsilon", ["1", "3", "inf"]),
+                                                                ("lora.rank", ["4"])]
+    with pytest.raises(ConfigError, match="KEY=V1,V2"):
+        parse_grid(["dp.epsilon"])
+    with pytest.raises(ConfigError, match="use --methods"):
+        parse_grid(["method=ffa"])
+    assert Cell("ffa", 0, (("dp.epsilon", "inf"),)).overrides() == ["method=ffa", "seed=0", "dp.enabled=false"]
+    assert Cell("ffa", 1, (("dp.epsilon", "3"),)).overrides() == ["method=ffa", "seed=1", "dp.enabled=true",
+                                                                 "dp.epsilon=3"]
+
+
+def test_every_cell_is_validated_before_anything_runs():
+    with pytest.raises(ConfigError, match=r"cell method=nope.*method must be one of"):
+        plan_cells("examples/tiny.toml", [], ["ffa", "nope"], 1, [])
+    with pytest.raises(ConfigError, match=r"cell .*lora.rank=0.*lora.rank must be a positive integer"):
+        plan_cells("examples/tiny.toml", [], ["ffa"], 1, parse_grid(["lora.rank=8,0"]))
+    cells = plan_cells("examples/tiny.toml", [], ["fedit", "ffa"], 3, parse_grid(["lora.rank=4,8"]))
+    assert len(cells) == 12 and len({c.name for c, _ in cells}) == 12
+
+
+def test_compare_contract_then_resume_then_report(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["compare", "--config", "examples/tiny.toml", "--methods", "fedit,ffa", "--seeds", "2", "--out", str(out),
+            "--quiet", *TINY]
+    assert main(args) == 0
+    with open(out / "summary.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["method"] for r in rows} == {"fedit", "ffa"} and all(r["seeds"] == "2" for r in rows)
+    for r in rows:
+        assert 0 <= float(r["final_accuracy_mean"]) <= 1 and float(r["final_accuracy_std"]) >= 0
+    up = {r["method"]: float(r["total_upload_bytes"]) for r in rows}
+    assert 0.5 < up["ffa"] / up["fedit"] < 0.52  # measured: B (+head) vs A and B
+    assert (out / "accuracy.png").is_file() and (out / "communication.png").is_file()
+    assert "Who won where" in (out / "summary.md").read_text()
+    # identical client partitions for one seed across methods, different ones across seeds
+    digests = {}
+    for d in (out / "cells").iterdir():
+        digests.setdefault(d.name.split("__")[-1], set()).add(json.loads((d / "summary.json").read_text())
+                                                              ["partition_sha256"])
+    assert sorted(digests) == ["seed=0", "seed=1"] and all(len(v) == 1 for v in digests.values())
+    assert digests["seed=0"] != digests["seed=1"]
+    # resume: nothing finished is re-run
+    mtimes = {d.name: (d / "summary.json").stat().st_mtime_ns for d in (out / "cells").iterdir()}
+    victim = sorted(mtimes)[0]
+    (out / "cells" / victim / "summary.json").unlink()  # as if that cell had been killed after its last checkpoint
+    capsys.readouterr()
+    assert main(args) == 0
+    log = capsys.readouterr().out
+    assert log.count("finished earlier, kept") == 3 and f"{victim}: resuming" in log
+    after = {d.name: (d / "summary.json").stat().st_mtime_ns for d in (out / "cells").iterdir()}
+    assert all(after[k] == v for k, v in mtimes.items() if k != victim)
+    # report rebuilds from saved metrics only
+    (out / "summary.csv").unlink()
+    assert main(["report", str(out)]) == 0 and (out / "summary.csv").is_file()
+
+
+def test_report_of_a_single_run_and_of_nothing(tmp_path, capsys):
+    d = tmp_path / "run"
+    assert main(["run", "--config", "examples/tiny.toml", "--out", str(d), "--quiet", *TINY]) == 0
+    (d / "metrics.csv").unlink()
+    (d / "metrics.png").unlink()
+    assert main(["report", str(d)]) == 0
+    assert (d / "metrics.csv").is_file() and (d / "metrics.png").is_file()
+    assert main(["report", str(tmp_path / "empty")]) == 2
