@@ -5,7 +5,7 @@ import json
 import pytest
 
 from fedlora.cli import main
-from fedlora.compare import Cell, parse_grid, plan_cells
+from fedlora.compare import Cell, parse_grid, parse_method_overrides, plan_cells
 from fedlora.errors import ConfigError
 
 TINY = ["--set", "rounds=1", "--set", "data.max_train_examples=48", "--set", "data.max_eval_examples=16",
@@ -78,3 +78,14 @@ def test_report_of_a_single_run_and_of_nothing(tmp_path, capsys):
     assert main(["report", str(d)]) == 0
     assert (d / "metrics.csv").is_file() and (d / "metrics.png").is_file()
     assert main(["report", str(tmp_path / "empty")]) == 2
+
+
+def test_per_method_overrides_apply_to_that_method_only():
+    per = parse_method_overrides(["fedit:train.lr=1e-3", "fedit:lora.alpha=8"], ["fedit", "ffa"])
+    cells = plan_cells("examples/tiny.toml", ["train.lr=0.02"], ["fedit", "ffa"], 1, [], per)
+    lrs = {c.method: (cfg.train.lr, cfg.lora.alpha) for c, cfg in cells}
+    assert lrs == {"fedit": (1e-3, 8.0), "ffa": (0.02, 16.0)}
+    with pytest.raises(ConfigError, match="METHOD:KEY=VALUE"):
+        parse_method_overrides(["train.lr=1"], ["ffa"])
+    with pytest.raises(ConfigError, match="not one of --methods"):
+        parse_method_overrides(["fedsa:train.lr=1"], ["ffa"])

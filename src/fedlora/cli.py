@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key for every cell (repeatable)")
     cmp.add_argument("--methods", required=True, help="comma-separated methods, e.g. fedit,ffa")
+    cmp.add_argument("--set-for", dest="method_overrides", action="append", default=[],
+                     metavar="METHOD:KEY=VALUE", help="override a key for one method only, e.g. fedit:train.lr=1e-3")
     cmp.add_argument("--seeds", type=int, default=1, help="seeds per cell: seed, seed+1, ... (default 1)")
     cmp.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
                      help="a config key and its values (repeatable; cartesian product); dp.epsilon=inf = no DP")
@@ -75,10 +77,11 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_compare(args) -> int:
-    from fedlora.compare import parse_grid, plan_cells, run_compare
+    from fedlora.compare import parse_grid, parse_method_overrides, plan_cells, run_compare
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    cells = plan_cells(args.config, args.overrides, methods, args.seeds, parse_grid(args.grid))
+    cells = plan_cells(args.config, args.overrides, methods, args.seeds, parse_grid(args.grid),
+                       parse_method_overrides(args.method_overrides, methods))
     print(f"fedlora compare: {len(cells)} runs ({len(methods)} methods x {args.seeds} seeds x grid) -> {args.out}",
           flush=True)
     out = run_compare(cells, args.out, progress=not args.quiet)

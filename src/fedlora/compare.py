@@ -65,9 +65,26 @@ def parse_grid(specs: list[str]) -> list[tuple[str, list[str]]]:
     return out
 
 
+def parse_method_overrides(specs: list[str], methods: list[str]) -> dict[str, list[str]]:
+    """``["fedit:train.lr=1e-3"]`` → ``{"fedit": ["train.lr=1e-3"]}`` (a learning rate tuned per method, say)."""
+    out: dict[str, list[str]] = {m: [] for m in methods}
+    for spec in specs:
+        method, sep, override = spec.partition(":")
+        if not sep or "=" not in override:
+            raise ConfigError(f"--set-for expects METHOD:KEY=VALUE, got {spec!r}")
+        if method not in out:
+            raise ConfigError(f"--set-for {spec!r}: {method!r} is not one of --methods ({', '.join(methods)})")
+        out[method].append(override)
+    return out
+
+
 def plan_cells(config: str | None, overrides: list[str], methods: list[str], seeds: int,
-               grid: list[tuple[str, list[str]]]) -> list[tuple[Cell, ExperimentConfig]]:
-    """Every cell with its validated config; the first invalid cell stops everything before any run starts."""
+               grid: list[tuple[str, list[str]]],
+               method_overrides: dict[str, list[str]] | None = None) -> list[tuple[Cell, ExperimentConfig]]:
+    """Every cell with its validated config; the first invalid cell stops everything before any run starts.
+
+    Order of overrides: ``--set`` for all cells, then ``--set-for`` of the cell's method, then the cell's own
+    method, seed and grid values."""
     if not methods:
         raise ConfigError("--methods needs at least one method, e.g. --methods fedit,ffa")
     if seeds < 1:
@@ -80,7 +97,8 @@ def plan_cells(config: str | None, overrides: list[str], methods: list[str], see
             for i in range(seeds):
                 cell = Cell(method, base.seed + i, tuple(zip(keys, combo)))
                 try:
-                    cfg = load_config(config, overrides + cell.overrides())
+                    cfg = load_config(config, overrides + (method_overrides or {}).get(method, [])
+                                      + cell.overrides())
                 except ConfigError as exc:
                     raise ConfigError(f"cell {cell.name}: {exc}") from None
                 cells.append((cell, cfg))
