@@ -65,6 +65,9 @@ def test_compare_contract_then_resume_then_report(tmp_path, capsys):
     assert log.count("finished earlier, kept") == 3 and f"{victim}: resuming" in log
     after = {d.name: (d / "summary.json").stat().st_mtime_ns for d in (out / "cells").iterdir()}
     assert all(after[k] == v for k, v in mtimes.items() if k != victim)
+    # the same directory with different settings is refused, not mixed
+    assert main([*args, "--set", "lora.rank=4"]) == 2
+    assert "finished with a different configuration" in capsys.readouterr().err
     # report rebuilds from saved metrics only
     (out / "summary.csv").unlink()
     assert main(["report", str(out)]) == 0 and (out / "summary.csv").is_file()

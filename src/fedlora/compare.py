@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedlora.config import ExperimentConfig, load_config
+from fedlora.config import ExperimentConfig, load_config, to_toml
 from fedlora.errors import ConfigError
 from fedlora.report import read_metrics
 
@@ -116,6 +116,10 @@ def run_compare(cells: list[tuple[Cell, ExperimentConfig]], out: Path, progress:
     for i, (cell, cfg) in enumerate(cells, 1):
         d = out / "cells" / cell.name
         if (d / "summary.json").is_file():
+            if (d / "config.toml").read_text(encoding="utf-8") != to_toml(cfg):
+                raise ConfigError(f"cell {cell.name} in {out} finished with a different configuration than this "
+                                  f"command gives it; use another --out (or the original options) so results of "
+                                  f"different settings are not mixed")
             log(f"[{i}/{len(cells)}] {cell.name}: finished earlier, kept")
             continue
         resume = (d / "checkpoint" / "checkpoint.json").is_file()

@@ -111,7 +111,8 @@ def plot_run(rows: list[dict], path: Path, title: str = "") -> None:
     if client_acc:
         axes[0].plot(*zip(*client_acc), marker=".", linestyle="--", label="mean over clients (local val)")
     axes[0].set(title="accuracy", xlabel="round")
-    axes[0].legend(fontsize=8)
+    if acc or client_acc:
+        axes[0].legend(fontsize=8)
     axes[1].plot(rounds, [r.get("loss") for r in rows], marker="o", label="train (clients)")
     ev = [(r["round"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
     if ev:
