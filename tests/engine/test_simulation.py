@@ -68,6 +68,16 @@ def test_saved_adapter_reloads_in_peft_and_reproduces_accuracy(tmp_path, tiny_co
     ev = task.evaluate(model, val, 16)
     assert ev["accuracy"] == pytest.approx(res.final_accuracy, abs=1e-12)
     assert ev["loss"] == pytest.approx(res.metrics[-1]["eval_loss"], rel=1e-5)
+    # same logits as our own model holding the final global adapter
+    from fedlora.models import LoraSlots, inject_lora
+
+    _, ours_base = load_classifier(cfg.model, task.num_labels, seed=7)
+    ours = inject_lora(ours_base, cfg.lora)
+    LoraSlots.of(ours).load(res.adapter)
+    batch = {k: v for k, v in val.batch(range(8)).items() if k != "labels"}
+    model.eval(), ours.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, ours(**batch).logits, rtol=1e-5, atol=1e-6)
 
 
 def test_dp_run_reports_growing_epsilon_within_target(tmp_path, tiny_config):
