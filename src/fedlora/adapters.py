@@ -153,11 +153,14 @@ def seeded_lora_A(module_name: str, rank: int, d_in: int, seed: int, dtype: torc
     return (torch.rand(rank, d_in, generator=gen, dtype=torch.float64) * 2 - 1).mul_(bound).to(dtype)
 
 
-def initial_adapter(shapes: dict[str, tuple[int, int]], rank: int, alpha: float, seed: int,
+def initial_adapter(shapes: dict[str, tuple[int, int]], rank: int | dict[str, int], alpha: float, seed: int,
                     head: dict[str, Tensor] | None = None) -> Adapter:
-    """Round-0 adapter: seeded A, B = 0 for each module ``name -> (d_out, d_in)``."""
+    """Round-0 adapter: seeded A, B = 0 for each module ``name -> (d_out, d_in)``, at one rank or per-module ranks.
+
+    A's rows come from one generator stream per module, so a rank-r A is the first r rows of a rank-r' A (r < r')."""
+    ranks = rank if isinstance(rank, dict) else {name: rank for name in shapes}
     modules = {
-        name: LoraModule(seeded_lora_A(name, rank, d_in, seed), torch.zeros(d_out, rank), float(alpha))
+        name: LoraModule(seeded_lora_A(name, ranks[name], d_in, seed), torch.zeros(d_out, ranks[name]), float(alpha))
         for name, (d_out, d_in) in shapes.items()
     }
     return Adapter(modules, {k: v.clone() for k, v in (head or {}).items()})

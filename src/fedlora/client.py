@@ -61,6 +61,15 @@ class _Sampler:
         return out
 
 
+def _tail_norm(slots: LoraSlots, gamma: float) -> Tensor:
+    """HetLoRA's ``Σ_m ‖B_m[:, ⌊γr⌋:]‖_F·‖A_m[⌊γr⌋:, :]‖_F`` over the client's current factors (algorithms.md §4.2)."""
+    from fedlora.adapters import A_SUFFIX, B_SUFFIX
+    from fedlora.methods.hetlora import tail_norm
+
+    return sum((tail_norm(slots.params[n + B_SUFFIX], slots.params[n + A_SUFFIX], gamma) for n in slots.shapes),
+               torch.zeros(()))
+
+
 def train_client(*, model: nn.Module, slots: LoraSlots, initial: Adapter, plan: ClientPlan, examples: Examples,
                  loss_fn: LossFn, train_cfg, round_idx: int, seed: int,
                  privacy: ClientPrivacy | None = None, accountant: ClientAccountant | None = None,
@@ -95,6 +104,12 @@ def train_client(*, model: nn.Module, slots: LoraSlots, initial: Adapter, plan: 
     model.train()
     losses: list[float] = []
     empty_batches = 0
+    penalty_weight = float(plan.config.get("rank_penalty", 0.0))
+    gamma = float(plan.config.get("rank_gamma", 0.99))
+    if penalty_weight > 0 and privacy is not None:
+        raise ValueError("the HetLoRA rank penalty is not part of the privatised gradient; set hetlora.penalty = 0 "
+                         "under DP")
+    tail_before = float(_tail_norm(slots, gamma).detach()) if "rank_gamma" in plan.config else None
     try:
         for _ in range(steps):
             optimizer.zero_grad(set_to_none=True)
@@ -104,6 +119,8 @@ def train_client(*, model: nn.Module, slots: LoraSlots, initial: Adapter, plan: 
                 chunk = idx[start:start + micro]
                 loss = loss_fn(forward_model, examples.batch(chunk))
                 weight = 1.0 if privacy is not None else len(chunk) / len(idx)
+                if penalty_weight > 0 and start == 0:  # HetLoRA's rank self-pruning regulariser, once per step
+                    loss = loss + penalty_weight * _tail_norm(slots, gamma) / weight
                 # Under DP the GradSampleModule turns each chunk's mean loss into exact per-example gradients.
                 (loss * weight).backward()
                 batch_loss += float(loss.detach()) * len(chunk)
@@ -134,4 +151,8 @@ def train_client(*, model: nn.Module, slots: LoraSlots, initial: Adapter, plan: 
                "a_checksum": float(a_checksum(trained)), "empty_batches": float(empty_batches)}
     if privacy is not None and accountant is not None:
         metrics["epsilon"] = accountant.epsilon(plan.client_id, privacy.delta)
+    if tail_before is not None:
+        tail_after = float(_tail_norm(slots, gamma).detach())
+        metrics["tail_norm"] = tail_after
+        metrics["prune"] = float(bool(plan.config.get("rank_prune")) and tail_after < float(tail_before))
     return Update(plan.client_id, n, trained.to_flat(plan.upload), metrics)

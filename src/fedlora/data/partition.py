@@ -83,6 +83,9 @@ def label_skew(labels: list[int], num_classes: int, proportions: list[list[float
 def partition(labels: list[int], num_classes: int, cfg) -> list[list[int]]:
     """Dispatch on ``cfg.clients.partition`` and check every client gets enough rows."""
     c = cfg.clients
+    if c.partition in ("iid", "dirichlet") and len(labels) < c.num * _min_rows(c):
+        raise ConfigError(f"clients.num = {c.num} needs at least {c.num * _min_rows(c)} training rows "
+                          f"({_min_rows(c)} per client), but the data has {len(labels)}")
     if c.partition == "iid":
         parts = iid(labels, c.num, cfg.seed)
     elif c.partition == "dirichlet":

@@ -114,6 +114,15 @@ class ClassificationTask:
             out.append(self.label_to_id[key])
         return out
 
+    def groups(self, rows: list[dict]) -> list[str]:
+        """Each row's owner (``data.client_column``), for ``clients.partition = "by_task"``."""
+        col = self.cfg.client_column
+        missing = next((i for i, r in enumerate(rows) if col not in r), None)
+        if missing is not None:
+            raise DataError(f"row {missing + 1} has no column {col!r} for clients.partition = 'by_task'; set "
+                            f"data.client_column")
+        return [str(r[col]) for r in rows]
+
     # ------------------------------------------------------------------ tokenisation
     def tokenise(self, tokenizer, rows: list[dict], labels: list[int], max_length: int) -> Examples:
         texts = [r[self.cfg.text_column] for r in rows]

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fedlora import wire
-from fedlora.adapters import Adapter, initial_adapter
+from fedlora.adapters import Adapter
 from fedlora.checkpoint import CheckpointError, load_checkpoint, restore_rng, save_checkpoint
 from fedlora.client import steps_per_round, train_client
 from fedlora.config import ExperimentConfig, from_toml, to_dict, to_toml
@@ -36,9 +36,11 @@ from fedlora.data.partition import partition, split_local
 from fedlora.data.tasks import ClassificationTask
 from fedlora.errors import ConfigError, UpdateError
 from fedlora.methods import get_method
-from fedlora.methods.base import ServerState, Update
-from fedlora.models import LoraSlots, inject_lora, load_classifier
+from fedlora.methods.base import FederationSpec, ServerState, Update
+from fedlora.models import (AdapterPool, BaseWeights, check_ranks, export_peft_adapter, inject_lora, load_causal_lm,
+                            load_classifier, resolve_model_path, target_shapes)
 from fedlora.privacy import ClientAccountant, ClientPrivacy, plan_privacy
+from fedlora.ranks import RankConfig, client_rank_configs, describe_config, module_ranks, smallest_config
 from fedlora.report import MetricsLog, plot_run
 from fedlora.robust import bound_norm
 
@@ -47,6 +49,8 @@ from fedlora.robust import bound_norm
 class ClientData:
     train_rows: list[int]
     val_rows: list[int]
+    name: str = ""
+    val_from_validation: bool = False  # by_task: local validation rows index the validation file, not train
 
 
 @dataclass
@@ -54,9 +58,12 @@ class Prepared:
     """Everything checked and computed before the model loads."""
 
     cfg: ExperimentConfig
-    task: ClassificationTask
+    task: object  # ClassificationTask | InstructionTask
     clients: list[ClientData]
     privacy: dict[int, ClientPrivacy] = field(default_factory=dict)
+    rank_configs: list[RankConfig] = field(default_factory=list)
+    global_eval_rows: list[int] | None = None  # rows of the validation data the global model is scored on
+    heldout: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -72,7 +79,7 @@ class RunResult:
 
 
 def sample_clients(seed: int, round_idx: int, num_clients: int, fraction: float) -> list[int]:
-    """``max(⌊fraction·N⌋, 1)`` distinct clients, the same set for the same (seed, round)."""
+    """``max(⌊fraction·N⌋, 1)`` distinct clients, the same set for the same (seed, round) (oracle O29)."""
     m = max(int(fraction * num_clients + 1e-9), 1)
     if m >= num_clients:
         return list(range(num_clients))
@@ -80,18 +87,94 @@ def sample_clients(seed: int, round_idx: int, num_clients: int, fraction: float)
     return sorted(int(c) for c in rng.choice(num_clients, size=m, replace=False))
 
 
+def make_task(cfg: ExperimentConfig):
+    if cfg.data.task == "instruction":
+        from fedlora.data.instruction import InstructionTask
+
+        return InstructionTask(cfg.data, seed=cfg.seed)
+    return ClassificationTask(cfg.data, seed=cfg.seed)
+
+
+def _capped(rows: list[int], cap: int, *key: int) -> list[int]:
+    if cap and len(rows) > cap:  # a seeded subset; the rest is simply not used
+        return sorted(np.random.default_rng([*key, 17]).choice(rows, size=cap, replace=False).tolist())
+    return list(rows)
+
+
+def _by_task(cfg: ExperimentConfig, task) -> tuple[list[ClientData], list[int], list[str]]:
+    """One client per ``data.client_column`` value; ``clients.heldout_tasks`` tasks kept out as unseen."""
+    c = cfg.clients
+    train_groups = task.groups(task.train_rows)
+    val_groups = task.groups(task.val_rows)
+    names = sorted(set(train_groups))
+    rng = np.random.default_rng([cfg.seed, 41])
+    if c.heldout_tasks >= len(names):
+        raise ConfigError(f"clients.heldout_tasks = {c.heldout_tasks} leaves no training task (the data has "
+                          f"{len(names)} tasks)")
+    heldout = sorted(rng.choice(names, size=c.heldout_tasks, replace=False).tolist()) if c.heldout_tasks else []
+    remaining = [n for n in names if n not in set(heldout)]
+    if c.num > len(remaining):
+        raise ConfigError(f"clients.num = {c.num} but the data has only {len(remaining)} training tasks "
+                          f"({len(names)} in {cfg.data.train}, {len(heldout)} held out); set clients.num = 0 for all")
+    if c.num:
+        remaining = sorted(rng.choice(remaining, size=c.num, replace=False).tolist())
+    train_by, val_by = {}, {}
+    for i, g in enumerate(train_groups):
+        train_by.setdefault(g, []).append(i)
+    for i, g in enumerate(val_groups):
+        val_by.setdefault(g, []).append(i)
+    cap = cfg.eval.max_client_examples
+    clients = [ClientData(train_by[n], _capped(val_by.get(n, []), cap, cfg.seed, k), n, True)
+               for k, n in enumerate(remaining)]
+    if heldout:
+        missing = [n for n in heldout if n not in val_by]
+        if missing:
+            raise ConfigError(f"held-out tasks {missing[:3]} have no rows in data.validation ({cfg.data.validation}); "
+                              f"the unseen-task evaluation needs them")
+        global_rows = sorted(i for j, n in enumerate(heldout) for i in _capped(val_by[n], cap, cfg.seed, 10_000 + j))
+    else:
+        global_rows = list(range(len(task.val_rows)))
+    return clients, global_rows, heldout
+
+
+def _check_method_options(cfg: ExperimentConfig, method_cls) -> None:
+    if not method_cls.averages_tensors:
+        r = cfg.robust
+        if r.aggregation != "mean" or r.norm_bound > 0:
+            raise ConfigError(f"method {cfg.method!r} does not average tensors, so robust.aggregation = "
+                              f"{r.aggregation!r} / robust.norm_bound = {r.norm_bound} cannot apply; use fedit or ffa "
+                              f"for robust aggregation")
+    if cfg.method == "hetlora" and cfg.dp.enabled and cfg.hetlora.penalty > 0:
+        raise ConfigError("hetlora.penalty is not part of the privatised gradient: set hetlora.penalty = 0 with "
+                          "dp.enabled = true")
+    if cfg.data.task == "instruction" and cfg.lora.head == "aggregate":
+        pass  # causal LMs have no separate head: nothing to aggregate
+
+
 def prepare(cfg: ExperimentConfig) -> Prepared:
-    """Load and check data, partition it and plan DP — no model is touched."""
-    task = ClassificationTask(cfg.data, seed=cfg.seed)
-    parts = partition(task.train_labels, task.num_labels, cfg)
-    clients = []
-    for k, rows in enumerate(parts):
-        tr, va = split_local(rows, cfg.clients.val_fraction, cfg.seed, k)
-        cap = cfg.eval.max_client_examples
-        if cap and len(va) > cap:  # evaluate on a seeded subset; the rest is simply not used
-            va = sorted(np.random.default_rng([cfg.seed, k, 17]).choice(va, size=cap, replace=False).tolist())
-        clients.append(ClientData(tr, va))
-    prepared = Prepared(cfg, task, clients)
+    """Load and check data, partition it, assign client ranks and plan DP — no model is touched."""
+    method_cls = get_method(cfg.method)
+    _check_method_options(cfg, method_cls)
+    task = make_task(cfg)
+    heldout: list[str] = []
+    global_rows = None
+    if cfg.clients.partition == "by_task":
+        clients, global_rows, heldout = _by_task(cfg, task)
+    else:
+        if cfg.data.task == "instruction":
+            raise ConfigError("data.task = 'instruction' needs clients.partition = 'by_task' (one client per task "
+                              "or owner, data.client_column)")
+        parts = partition(task.train_labels, task.num_labels, cfg)
+        clients = []
+        for k, rows in enumerate(parts):
+            tr, va = split_local(rows, cfg.clients.val_fraction, cfg.seed, k)
+            clients.append(ClientData(tr, _capped(va, cfg.eval.max_client_examples, cfg.seed, k)))
+    configs = client_rank_configs(cfg.lora, len(clients), cfg.seed)
+    if len(configs) != len(clients):
+        raise ConfigError(f"lora.client_ranks has {len(configs)} entries but there are {len(clients)} clients")
+    if not method_cls.heterogeneous_ranks:
+        configs = [smallest_config(configs)] * len(clients)
+    prepared = Prepared(cfg, task, clients, rank_configs=configs, global_eval_rows=global_rows, heldout=heldout)
     if cfg.dp.enabled:
         sizes = {k: len(c.train_rows) for k, c in enumerate(clients)}
         steps = {k: steps_per_round(cfg.train, n) for k, n in sizes.items()}
@@ -153,6 +236,105 @@ def check_resume_config(saved_toml: str, cfg: ExperimentConfig) -> None:
                               + ". Resume with the run's own config.toml (only rounds may be raised).")
 
 
+class LazyExamples:
+    """Client k's tokenised examples, made on first use and kept in a bounded cache: simulating thousands of
+    clients never holds every client's tokens at once."""
+
+    def __init__(self, make, n: int, cache_size: int = 256):
+        self.make, self.n, self.cache_size = make, n, cache_size
+        self._cache: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, k: int):
+        if k not in self._cache:
+            if len(self._cache) >= self.cache_size:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[k] = self.make(k)
+        return self._cache[k]
+
+
+@dataclass
+class Engine:
+    """The loaded model and what the round loop needs beside the method: adapters per rank configuration, the
+    controllable base weights, every client's examples and the global evaluation set."""
+
+    prepared: Prepared
+    tokenizer: object
+    model: object
+    pool: AdapterPool
+    base: BaseWeights
+    spec: FederationSpec
+    task_type: str
+    client_train: object
+    client_val: object
+    global_val: object
+    default_ranks: dict[str, int]
+    _initial_cache: dict = field(default_factory=dict)
+
+    def initial_for(self, ranks: dict[str, int], seed: int | None) -> Adapter:
+        key = (tuple(sorted(ranks.items())), seed)
+        if key not in self._initial_cache:
+            if len(self._initial_cache) > 16:
+                self._initial_cache.clear()
+            self._initial_cache[key] = self.spec.initial(ranks=ranks, seed=seed)
+        return self._initial_cache[key]
+
+
+def build_engine(prepared: Prepared, log=print) -> Engine:
+    """Load the base model once, wrap it with LoRA at the global ranks and tokenise (lazily) every client's data."""
+    cfg, task = prepared.cfg, prepared.task
+    if cfg.data.task == "instruction":
+        if cfg.model.name in ("smollm2",):
+            from fedlora.models import converted_gguf
+
+            converted_gguf(cfg.model.name, cfg.model, log=log)
+        tokenizer, base_model = load_causal_lm(cfg.model)
+        task_type = "CAUSAL_LM"
+    else:
+        tokenizer, base_model = load_classifier(cfg.model, task.num_labels, cfg.seed)
+        task_type = "SEQ_CLS"
+    shapes = target_shapes(base_model, cfg.lora)
+    client_ranks = {k: module_ranks(c, shapes, cfg.lora.mlp_modules) for k, c in enumerate(prepared.rank_configs)}
+    for config in sorted(set(prepared.rank_configs)):
+        what = "lora.rank" if cfg.lora.rank_distribution == "homogeneous" else f"client rank type {describe_config(config)}"
+        check_ranks(shapes, module_ranks(config, shapes, cfg.lora.mlp_modules), what)
+    global_ranks = {n: max(r[n] for r in client_ranks.values()) for n in shapes}
+    model = inject_lora(base_model, cfg.lora, task_type, ranks=global_ranks)
+    pool = AdapterPool(model, cfg.lora, task_type)
+    slots = pool.slots(global_ranks)
+    spec = FederationSpec(slots.shapes, client_ranks, cfg.lora.alpha, cfg.seed, head=slots.head())
+    L = cfg.model.max_length
+    if cfg.data.task == "instruction":
+        def rows(idx, source):
+            return [source[i] for i in idx]
+
+        clients = prepared.clients
+        client_train = LazyExamples(lambda k: task.tokenise(tokenizer, rows(clients[k].train_rows, task.train_rows), L),
+                                    len(clients))
+        client_val = LazyExamples(lambda k: task.tokenise(tokenizer, rows(clients[k].val_rows, task.val_rows), L),
+                                  len(clients))
+        global_val = task.tokenise(tokenizer, rows(prepared.global_eval_rows, task.val_rows), L)
+    else:
+        train_all = task.tokenise(tokenizer, task.train_rows, task.train_labels, L)
+        val_all = task.tokenise(tokenizer, task.val_rows, task.val_labels, L)
+        client_train = [train_all.subset(c.train_rows) for c in prepared.clients]
+        client_val = [(val_all if c.val_from_validation else train_all).subset(c.val_rows) for c in prepared.clients]
+        global_val = val_all if prepared.global_eval_rows is None else val_all.subset(prepared.global_eval_rows)
+    return Engine(prepared, tokenizer, model, pool, BaseWeights(model), spec, task_type, client_train, client_val,
+                  global_val, global_ranks)
+
+
+def _write_clients_file(run_dir: Path, prepared: Prepared, spec: FederationSpec) -> None:
+    """``clients.json``: every client's task, data sizes and LoRA ranks (written once, at the start)."""
+    rows = [{"client": k, "task": c.name or None, "train_examples": len(c.train_rows),
+             "validation_examples": len(c.val_rows), "rank_type": describe_config(prepared.rank_configs[k]),
+             "ranks": sorted(set(spec.client_ranks[k].values()))} for k, c in enumerate(prepared.clients)]
+    data = {"clients": rows, "heldout_tasks": prepared.heldout}
+    (run_dir / "clients.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+
+
 def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, progress: bool = True,
                    log=print, resume: bool = False) -> RunResult:
     """Run (or, with ``resume=True``, continue from ``out_dir``'s last checkpoint) an experiment."""
@@ -168,23 +350,23 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, pro
     prepared = prepare(cfg)
     run_dir = _open_run_dir(Path(out_dir) if out_dir else _default_run_dir(cfg)) if ckpt is None else Path(out_dir)
     (run_dir / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
-    task = prepared.task
-    log(f"fedlora: {cfg.method} on {cfg.model.name}, {cfg.clients.num} clients "
-        f"({', '.join(str(len(c.train_rows)) for c in prepared.clients)} training examples), "
+    n_clients = len(prepared.clients)
+    sizes = [len(c.train_rows) for c in prepared.clients]
+    shown = ", ".join(map(str, sizes)) if n_clients <= 16 else f"{min(sizes)}–{max(sizes)} each, {sum(sizes)} in all"
+    log(f"fedlora: {cfg.method} on {cfg.model.name}, {n_clients} clients ({shown} training examples), "
         f"{cfg.rounds} rounds -> {run_dir}")
+    if prepared.heldout:
+        log(f"unseen (held-out) tasks: {len(prepared.heldout)}, {len(prepared.global_eval_rows)} evaluation rows")
 
-    tokenizer, base = load_classifier(cfg.model, task.num_labels, cfg.seed)
-    model = inject_lora(base, cfg.lora)
-    slots = LoraSlots.of(model)
-    initial = initial_adapter(slots.shapes, cfg.lora.rank, cfg.lora.alpha, cfg.seed, head=slots.head())
-
-    train_all = task.tokenise(tokenizer, task.train_rows, task.train_labels, cfg.model.max_length)
-    val_examples = task.tokenise(tokenizer, task.val_rows, task.val_labels, cfg.model.max_length)
-    client_train = [train_all.subset(c.train_rows) for c in prepared.clients]
-    client_val = [train_all.subset(c.val_rows) for c in prepared.clients]
-
-    method = get_method(cfg.method)(cfg)
-    state = method.init_state(initial)
+    eng = build_engine(prepared, log)
+    if len(set(prepared.rank_configs)) > 1 or cfg.lora.rank_distribution != "homogeneous":
+        counts: dict[str, int] = {}
+        for c in prepared.rank_configs:
+            counts[describe_config(c)] = counts.get(describe_config(c), 0) + 1
+        log("client ranks: " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
+    _write_clients_file(run_dir, prepared, eng.spec)
+    method = get_method(cfg.method)(cfg, eng.spec)
+    state = method.init_state(eng.spec.initial(ranks=eng.default_ranks))
     accountant = ClientAccountant()
     metrics = MetricsLog(run_dir)
     start = 1
@@ -199,15 +381,15 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, pro
 
     for t in range(start, cfg.rounds + 1):
         t0 = time.time()
-        sampled = sample_clients(cfg.seed, t, cfg.clients.num, cfg.clients.fraction)
+        sampled = sample_clients(cfg.seed, t, n_clients, cfg.clients.fraction)
         plans = method.configure(t, state, sampled)
-        received = _collect_updates(t, plans, model, slots, initial, client_train, task, prepared, accountant,
-                                    progress)
+        eng.base.set(method.base_delta(state))  # FLoRA: every client's base holds the merged updates so far
+        received = _collect_updates(t, plans, eng, prepared, accountant, progress)
         state = method.aggregate(t, state, received.updates)
         row = _round_row(t, received, prepared, accountant, cfg)
         if t % cfg.eval.every == 0 or t == cfg.rounds:
-            slots.load(method.global_adapter(state))
-            row.update(_evaluate(model, task, val_examples, client_val, cfg))
+            generate = t == cfg.rounds or (cfg.eval.generate_every > 0 and t % cfg.eval.generate_every == 0)
+            row.update(_evaluate_global(eng, method, state, generate))
         row["wall_s"] = round(time.time() - t0, 3)
         fault_point("aggregate", t)
         save_checkpoint(run_dir, t, state, accountant.state_dict(), metrics.rows + [row], to_toml(cfg),
@@ -217,34 +399,113 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, pro
         plot_run(metrics.rows, run_dir / "metrics.png", title=f"{cfg.method} · {cfg.model.name}")
         log(_round_line(row, cfg))
 
-    final = method.global_adapter(state)
-    slots.load(final)
-    _export_adapter(model, run_dir)
-    summary = {"method": cfg.method, "rounds": cfg.rounds, "final_accuracy": metrics.rows[-1].get("accuracy"),
+    final = method.export_adapter(state)
+    _export(eng, method, state, final, run_dir)
+    headline = "rougeL" if cfg.data.task == "instruction" else "accuracy"
+    last = metrics.rows[-1]
+    trainable = {describe_config(c): eng.initial_for(eng.spec.client_ranks[k], None).num_parameters(plans[0].train)
+                 for k, c in enumerate(prepared.rank_configs)} if plans else {}
+    summary = {"method": cfg.method, "rounds": cfg.rounds, "final_accuracy": last.get("accuracy"),
+               "headline_metric": headline, "final_score": last.get(headline),
                "total_upload_bytes": sum(r["upload_bytes"] for r in metrics.rows),
                "total_download_bytes": sum(r["download_bytes"] for r in metrics.rows),
                "max_epsilon": max((r["epsilon"] or 0.0) for r in metrics.rows) if cfg.dp.enabled else None,
                "wall_s": round(time.time() - t_start, 1),
-               "trainable_parameters_per_client": final.num_parameters(plans[0].train) if plans else None,
-               "client_train_examples": [len(c.train_rows) for c in prepared.clients],
+               "trainable_parameters_per_client": (next(iter(trainable.values())) if len(trainable) == 1
+                                                   else trainable) if trainable else None,
+               "client_train_examples": sizes if n_clients <= 64 else None,
+               "num_clients": n_clients,
+               "heldout_tasks": prepared.heldout,
                "partition_sha256": partition_digest(prepared)}
+    if cfg.data.task == "instruction":
+        summary["final_rougeL_teacher_forced"] = last.get("rougeL_teacher_forced")
     tmp = run_dir / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, run_dir / "summary.json")  # written last: its presence marks a complete run
-    log(f"final validation accuracy: {summary['final_accuracy']:.4f}  ({summary['wall_s']} s)  -> {run_dir}")
+    score = summary["final_score"]
+    what = "validation accuracy" if headline == "accuracy" else ("unseen-task " if prepared.heldout else "") + "rougeL"
+    log(f"final {what}: {score:.4f}  ({summary['wall_s']} s)  -> {run_dir}" if score is not None
+        else f"done ({summary['wall_s']} s) -> {run_dir}")
     return RunResult(run_dir, metrics.rows, final)
 
 
-def _export_adapter(model, run_dir: Path) -> None:
-    """Save the PEFT adapter to a temporary folder, then swap it in: ``adapter/`` is never half-written."""
+def _fits(adapter: Adapter, ranks: dict[str, int]) -> bool:
+    return {n: m.rank for n, m in adapter.modules.items()} == ranks
+
+
+def _merged_delta(base_delta: dict | None, adapter: Adapter) -> dict:
+    out = {n: d.clone() for n, d in (base_delta or {}).items()}
+    for name, module in adapter.modules.items():
+        delta = module.delta().float()
+        out[name] = out[name] + delta if name in out else delta
+    return out
+
+
+def _evaluate_global(eng: Engine, method, state: ServerState, generate: bool) -> dict:
+    """Score the global model: loaded into the LoRA slots when its ranks fit them, else merged into the base
+    (``W0 + offset + s·B·A``, exact, with the slots' B set to zero); the base is restored afterwards."""
+    global_adapter = method.global_adapter(state)
+    base_delta = method.base_delta(state)
+    slots = eng.pool.slots(eng.default_ranks)
+    if _fits(global_adapter, eng.default_ranks):
+        slots.load(global_adapter)
+        eng.base.set(base_delta)
+    else:
+        zero = eng.spec.initial(ranks=eng.default_ranks)
+        slots.load(zero.with_tensors(dict(global_adapter.head)))
+        eng.base.set(_merged_delta(base_delta, global_adapter))
+    try:
+        return _evaluate(eng, generate)
+    finally:
+        eng.base.set(base_delta)
+
+
+def _evaluate(eng: Engine, generate: bool) -> dict:
+    """Global model on the (unseen-task) validation set, and on each client's local validation split."""
+    cfg, task = eng.prepared.cfg, eng.prepared.task
+    bs = cfg.train.eval_batch_size
+    if cfg.data.task == "instruction":
+        ev = task.evaluate(eng.model, eng.tokenizer, eng.global_val, bs, generate=generate,
+                           max_new_tokens=cfg.eval.max_new_tokens)
+        row = {"eval_loss": ev["loss"], "rougeL_teacher_forced": ev["rougeL_teacher_forced"]}
+        if "rougeL" in ev:
+            row["rougeL"] = ev["rougeL"]
+        if cfg.eval.per_client:
+            per = {}
+            for k, c in enumerate(eng.prepared.clients):
+                if c.val_rows:
+                    per[k] = task.evaluate(eng.model, eng.tokenizer, eng.client_val[k], bs, generate=False,
+                                           max_new_tokens=1)["rougeL_teacher_forced"]
+            row["client_rougeL_teacher_forced"] = per
+            row["client_rougeL_teacher_forced_mean"] = float(np.mean(list(per.values()))) if per else None
+        return row
+    ev = task.evaluate(eng.model, eng.global_val, bs)
+    row = {"accuracy": ev["accuracy"], "eval_loss": ev["loss"]}
+    if cfg.eval.per_client:
+        per = {k: task.evaluate(eng.model, eng.client_val[k], bs)["accuracy"]
+               for k in range(len(eng.prepared.clients)) if len(eng.client_val[k])}
+        row["client_accuracy"] = per
+        row["client_accuracy_mean"] = float(np.mean(list(per.values()))) if per else None
+        row["client_accuracy_min"] = float(np.min(list(per.values()))) if per else None
+    return row
+
+
+def _export(eng: Engine, method, state: ServerState, final: Adapter, run_dir: Path) -> None:
+    """Write ``adapter/`` atomically (temporary folder, then rename): PEFT's own ``save_pretrained`` when the final
+    adapter fits the model's LoRA layers, else a PEFT folder with per-module ranks (``rank_pattern``)."""
     import shutil
 
-    tmp, final = run_dir / "adapter.tmp", run_dir / "adapter"
+    tmp, target = run_dir / "adapter.tmp", run_dir / "adapter"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    if _fits(final, eng.default_ranks) and method.base_delta(state) is None:
+        eng.pool.slots(eng.default_ranks).load(final)
+        eng.model.save_pretrained(str(tmp), selected_adapters=["default"])
+    else:
+        export_peft_adapter(final, eng.prepared.cfg.lora, eng.task_type,
+                            resolve_model_path(eng.prepared.cfg.model.name, eng.prepared.cfg.model), tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
 
 
 @dataclass
@@ -258,19 +519,25 @@ class RoundUpdates:
     down_bytes: int = 0
 
 
-def _collect_updates(t, plans, model, slots, initial, client_train, task, prepared, accountant,
-                     progress) -> RoundUpdates:
+def _collect_updates(t, plans, eng: Engine, prepared, accountant, progress) -> RoundUpdates:
     """Send each plan over the wire, train the client, receive and check its upload (bytes counted both ways)."""
     cfg = prepared.cfg
+    task = prepared.task
     out = RoundUpdates()
     bar = tqdm(plans, desc=f"round {t}/{cfg.rounds}", unit="client", disable=not progress, leave=False,
                file=sys.stderr)
     for plan in bar:
         payload = wire.encode(plan.download)
         out.down_bytes += len(payload)
-        plan = type(plan)(plan.client_id, wire.decode(payload), plan.train, plan.upload, plan.config)
-        update = train_client(model=model, slots=slots, initial=initial, plan=plan,
-                              examples=client_train[plan.client_id], loss_fn=task.loss, train_cfg=cfg.train,
+        if plan.merge:
+            out.down_bytes += len(wire.encode(plan.merge))
+        plan = type(plan)(plan.client_id, wire.decode(payload), plan.train, plan.upload, plan.config, plan.ranks,
+                          plan.merge)
+        ranks = plan.ranks or eng.spec.client_ranks[plan.client_id]
+        slots = eng.pool.slots(ranks)
+        initial = eng.initial_for(ranks, plan.config.get("init_seed"))
+        update = train_client(model=eng.model, slots=slots, initial=initial, plan=plan,
+                              examples=eng.client_train[plan.client_id], loss_fn=task.loss, train_cfg=cfg.train,
                               round_idx=t, seed=cfg.seed, privacy=prepared.privacy.get(plan.client_id),
                               accountant=accountant, secure_rng=cfg.dp.secure_rng)
         blob = wire.encode(update.tensors)
@@ -287,19 +554,6 @@ def _collect_updates(t, plans, model, slots, initial, client_train, task, prepar
         fault_point("train", t)
     bar.close()
     return out
-
-
-def _evaluate(model, task, val_examples, client_val, cfg) -> dict:
-    """Global model on the validation set, and on each client's local validation split."""
-    ev = task.evaluate(model, val_examples, cfg.train.eval_batch_size)
-    row = {"accuracy": ev["accuracy"], "eval_loss": ev["loss"]}
-    if cfg.eval.per_client:
-        per = {k: task.evaluate(model, client_val[k], cfg.train.eval_batch_size)["accuracy"]
-               for k in range(cfg.clients.num) if len(client_val[k])}
-        row["client_accuracy"] = per
-        row["client_accuracy_mean"] = float(np.mean(list(per.values()))) if per else None
-        row["client_accuracy_min"] = float(np.min(list(per.values()))) if per else None
-    return row
 
 
 def _receive(blob: bytes, plan, initial: Adapter, cfg) -> tuple[dict, str | None]:
@@ -324,7 +578,7 @@ def _round_row(t, received: RoundUpdates, prepared, accountant, cfg) -> dict:
     if received.norms:
         row["update_norm"] = received.norms
     if cfg.dp.enabled:
-        eps = {k: accountant.epsilon(k, cfg.dp.delta) for k in range(cfg.clients.num)}
+        eps = {k: accountant.epsilon(k, cfg.dp.delta) for k in range(len(prepared.clients))}
         row["epsilon"] = max(eps.values())
         row["epsilon_per_client"] = eps
         row["noise_multiplier_per_client"] = {k: p.noise_multiplier for k, p in prepared.privacy.items()}
@@ -335,6 +589,10 @@ def _round_line(row: dict, cfg) -> str:
     parts = [f"round {row['round']:>3}/{cfg.rounds}", f"loss {row['loss']:.4f}" if row["loss"] is not None else ""]
     if row.get("accuracy") is not None:
         parts.append(f"val acc {row['accuracy']:.4f}")
+    if row.get("rougeL_teacher_forced") is not None:
+        parts.append(f"unseen rougeL-tf {row['rougeL_teacher_forced']:.4f}")
+    if row.get("rougeL") is not None:
+        parts.append(f"rougeL {row['rougeL']:.4f}")
     parts.append(f"up {row['upload_bytes'] / 1e3:.1f} kB  down {row['download_bytes'] / 1e3:.1f} kB")
     if row.get("epsilon") is not None:
         parts.append(f"eps {row['epsilon']:.2f}")

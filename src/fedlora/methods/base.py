@@ -34,6 +34,10 @@ class ClientPlan:
     train: frozenset[str]
     upload: frozenset[str]
     config: dict[str, Any] = field(default_factory=dict)
+    ranks: dict[str, int] = field(default_factory=dict)
+    """Per-module LoRA ranks for this round; empty = the client's configured ranks (:class:`FederationSpec`)."""
+    merge: dict[str, Tensor] = field(default_factory=dict)
+    """Tensors the client merges into its frozen base before training (FLoRA); counted as downlink traffic."""
 
 
 @dataclass
@@ -44,6 +48,33 @@ class Update:
     num_examples: int
     tensors: dict[str, Tensor]
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class FederationSpec:
+    """What a method may know before round 1: module shapes, every client's per-module ranks, alpha and the seed.
+
+    ``initial(k)`` is the adapter client ``k`` starts from when nothing is sent for a tensor: A drawn from the shared
+    seed (PEFT's Kaiming init), B = 0, at the client's ranks.
+    """
+
+    shapes: dict[str, tuple[int, int]]
+    client_ranks: dict[int, dict[str, int]]
+    alpha: float
+    seed: int
+    head: dict[str, Tensor] = field(default_factory=dict)
+
+    def initial(self, client_id: int | None = None, ranks: dict[str, int] | None = None,
+                seed: int | None = None) -> Adapter:
+        from fedlora.adapters import initial_adapter
+
+        if ranks is None:
+            ranks = self.client_ranks[client_id] if client_id is not None else self.global_ranks()
+        return initial_adapter(self.shapes, ranks, self.alpha, self.seed if seed is None else seed, head=self.head)
+
+    def global_ranks(self) -> dict[str, int]:
+        """Per module, the largest rank any client uses."""
+        return {n: max(r[n] for r in self.client_ranks.values()) for n in self.shapes}
 
 
 @dataclass
@@ -80,15 +111,33 @@ def average_uploaded(state: ServerState, updates: list[Update], robust: Any = No
     return ServerState(state.adapter.with_tensors(merged), dict(state.extra))
 
 
+def average_head(state: ServerState, updates: list[Update], weights: list[float]) -> dict[str, Tensor]:
+    """Data-weighted mean of the task-head tensors the clients uploaded (empty for causal LMs, which have none)."""
+    keys = [k for k in state.adapter.head if all(k in u.tensors for u in updates)] if updates else []
+    return {k: combine([u.tensors[k] for u in updates], weights, "mean") for k in keys}
+
+
+def client_factors(updates: list[Update], module: str) -> tuple[list[Tensor], list[Tensor]]:
+    """Every client's ``(B_k, A_k)`` for one module, in update order."""
+    from fedlora.adapters import A_SUFFIX, B_SUFFIX
+
+    return [u.tensors[module + B_SUFFIX] for u in updates], [u.tensors[module + A_SUFFIX] for u in updates]
+
+
 class Method(ABC):
     """Base class of a federated LoRA method. Subclasses set ``name`` and ``summary`` and implement two hooks."""
 
     name: ClassVar[str]
     summary: ClassVar[str]
     citation: ClassVar[str] = ""
+    heterogeneous_ranks: ClassVar[bool] = False
+    """False: every client must use the same ranks; the engine gives all the smallest configuration in use."""
+    averages_tensors: ClassVar[bool] = True
+    """True when aggregation is a per-tensor average, so ``robust.*`` rules and norm bounds apply."""
 
-    def __init__(self, cfg: Any):
+    def __init__(self, cfg: Any, spec: FederationSpec | None = None):
         self.cfg = cfg
+        self.spec = spec
 
     def init_state(self, initial: Adapter) -> ServerState:
         """The server state before round 1, from the shared-seed initial adapter."""
@@ -105,6 +154,14 @@ class Method(ABC):
     def global_adapter(self, state: ServerState) -> Adapter:
         """The adapter that is evaluated and exported (PEFT format)."""
         return state.adapter
+
+    def base_delta(self, state: ServerState) -> dict[str, Tensor] | None:
+        """Dense updates merged into the frozen base weights (FLoRA); None for methods that never touch the base."""
+        return None
+
+    def export_adapter(self, state: ServerState) -> Adapter:
+        """The whole learned update as one PEFT adapter (what ``adapter/`` holds at the end of a run)."""
+        return self.global_adapter(state)
 
     def head_roles(self) -> frozenset[str]:
         return frozenset({"head"}) if getattr(self.cfg.lora, "head", "aggregate") == "aggregate" else frozenset()

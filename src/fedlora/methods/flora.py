@@ -1,0 +1,94 @@
+"""FLoRA (Wang et al., NeurIPS 2024, arXiv 2409.05976; algorithms.md §4.3): stacking, merge into the base, fresh LoRA.
+
+Clients train fresh LoRA factors at their own ranks.  The server stacks them, ``B = [B_1|…|B_K]`` and
+``A = [p_1 s_1 A_1; …; p_K s_K A_K]``, so that ``B A = Σ_k p_k s_k B_k A_k`` exactly whatever the ranks (oracle
+O20); every client merges that product into its frozen base (``W0 ← W0 + B A``) and starts the next round from a fresh
+LoRA (Kaiming A, B = 0; O1).  The downlink carries the stack, ``Σ_k r_k (d_in + d_out)`` numbers per module, growing
+with the number of clients (O30).
+
+Our resolutions: ``p_k`` and ``s_k`` are both folded into the A stack, so FLoRA's ``alpha = 2r`` convention is not
+needed for exactness (any ``lora.alpha`` works).  Fresh LoRA each round is drawn from a per-round seed.  A client
+that skipped the previous round would have missed merges: it downloads the server's whole cumulative update (dense)
+instead of the last stack, and that traffic is counted.  The server keeps the cumulative merged update densely; it
+is what is evaluated, and it is exported as exact LoRA factors (its thin SVD at numerical rank).
+"""
+from __future__ import annotations
+
+from torch import Tensor
+
+from fedlora.adapters import ROLE_A, ROLE_B, Adapter, LoraModule
+from fedlora.lowrank import dense_svd, stack_factors
+from fedlora.methods.base import (ClientPlan, Method, ServerState, Update, average_head, client_factors, data_weights,
+                                  register)
+
+
+def round_init_seed(seed: int, round_idx: int) -> int:
+    """The seed of round t's fresh LoRA init (shared by the round's clients, different every round)."""
+    return seed * 1_000_003 + round_idx
+
+
+def exact_factors(delta: Tensor, rtol: float = 1e-6) -> LoraModule:
+    """``delta`` as LoRA factors of its numerical rank (thin SVD; singular values below ``rtol·σ_max`` dropped),
+    scale 1 (``alpha = rank``)."""
+    U, S, Vh = dense_svd(delta)
+    keep = max(1, int((S > rtol * (S[0] if S.numel() else 0)).sum()))
+    return LoraModule(A=Vh[:keep].contiguous(), B=(U[:, :keep] * S[:keep]).contiguous(), alpha=float(keep))
+
+
+@register
+class FLoRA(Method):
+    name = "flora"
+    summary = ("FLoRA: the server stacks the clients' factors (exact for any ranks); clients merge the stack into "
+               "their base and start a fresh LoRA each round.")
+    citation = "Wang et al., FLoRA: Federated Fine-Tuning LLMs with Heterogeneous Low-Rank Adaptations, NeurIPS 2024"
+    heterogeneous_ranks = True
+    averages_tensors = False
+
+    def init_state(self, initial: Adapter) -> ServerState:
+        return ServerState(initial.clone(), {"participants": []})
+
+    def configure(self, round_idx: int, state: ServerState, client_ids: list[int]) -> list[ClientPlan]:
+        roles = frozenset({ROLE_A, ROLE_B}) | self.head_roles()
+        head = state.adapter.to_flat(self.head_roles())
+        last = set(state.extra.get("participants", []))
+        names = list(state.adapter.modules)
+        plans = []
+        for cid in client_ids:
+            merge: dict[str, Tensor] = {}
+            if cid in last:  # in sync up to the previous round: only its stack
+                for name in names:
+                    merge[f"{name}.stack_B"] = state.extra[f"stack_B/{name}"]
+                    merge[f"{name}.stack_A"] = state.extra[f"stack_A/{name}"]
+            elif f"offset/{names[0]}" in state.extra:  # missed merges: the whole cumulative update
+                merge = {f"{name}.delta": state.extra[f"offset/{name}"] for name in names}
+            plans.append(ClientPlan(cid, dict(head), train=roles, upload=roles,
+                                    config={"init_seed": round_init_seed(self.spec.seed, round_idx)},
+                                    ranks=self.spec.client_ranks[cid], merge=merge))
+        return plans
+
+    def aggregate(self, round_idx: int, state: ServerState, updates: list[Update]) -> ServerState:
+        if not updates:
+            return state
+        weights = data_weights(updates)
+        extra = {k: v for k, v in state.extra.items() if not k.startswith(("stack_A/", "stack_B/"))}
+        for name in state.adapter.modules:
+            Bs, As = client_factors(updates, name)
+            coeffs = [p * self.spec.alpha / A.shape[0] for p, A in zip(weights, As)]
+            B_stack, A_stack = stack_factors(Bs, As, coeffs)
+            extra[f"stack_B/{name}"], extra[f"stack_A/{name}"] = B_stack, A_stack
+            product = B_stack @ A_stack
+            previous = extra.get(f"offset/{name}")
+            extra[f"offset/{name}"] = product if previous is None else previous + product
+        extra["participants"] = sorted(u.client_id for u in updates)
+        head = {**state.adapter.head, **average_head(state, updates, weights)}
+        return ServerState(Adapter({n: m for n, m in state.adapter.modules.items()}, head), extra)
+
+    def base_delta(self, state: ServerState) -> dict[str, Tensor] | None:
+        offsets = {k[len("offset/"):]: v for k, v in state.extra.items() if k.startswith("offset/")}
+        return offsets or None
+
+    def export_adapter(self, state: ServerState) -> Adapter:
+        offsets = self.base_delta(state)
+        if not offsets:
+            return state.adapter
+        return Adapter({n: exact_factors(d) for n, d in offsets.items()}, dict(state.adapter.head))

@@ -1,0 +1,115 @@
+"""HetLoRA (Cho et al., EMNLP 2024; algorithms.md §4.2): heterogeneous ranks by zero-padding, sparsity-weighted
+aggregation and rank self-pruning.
+
+The server keeps one global adapter at the largest rank ``r_max`` per module.  Client k receives its first ``r_k``
+rows of A and columns of B, trains both with the regulariser ``λ·‖B[:, ⌊γr⌋:]‖_F·‖A[⌊γr⌋:, :]‖_F`` (per module,
+summed), and uploads them.  The server zero-pads every upload to ``r_max`` and sums them with weights
+``p_k ∝ ‖s_k B_k A_k‖_F`` (``hetlora.weighting = "sparsity"``, the paper) or data sizes (``"data"``, FlexLoRA's
+baseline).
+
+Our resolutions: ranks differ, so the factors are exchanged in *pre-scaled* form, ``√s_k·B_k`` and ``√s_k·A_k`` (the
+``handle_alpha`` of FlexLoRA's baseline, §4.2): the global adapter holds ``B̃, Ã`` with scale 1 and client k trains
+``B = B̃[:, :r_k]/√s_k``, ``A = Ã[:r_k]/√s_k``, so its initial product equals the global's rank-``r_k`` truncation.
+Round 1 starts every client from the fresh PEFT init.  Self-pruning (which FlexLoRA's baseline omits) is real: when a
+client's tail norm ``‖B_tail‖·‖A_tail‖`` shrank during a round, it reports ``prune_to = ⌊γ r⌋`` and trains at the
+smaller ranks from its next round on; its upload of that round still has its old rank, the server truncates it.
+"""
+from __future__ import annotations
+
+import math
+
+from torch import Tensor
+
+from fedlora.adapters import A_SUFFIX, B_SUFFIX, ROLE_A, ROLE_B, Adapter, LoraModule
+from fedlora.lowrank import product_frobenius_norm, zero_pad
+from fedlora.methods.base import (ClientPlan, Method, ServerState, Update, average_head, client_factors, data_weights,
+                                  register)
+
+
+def pruned_rank(rank: int, gamma: float) -> int:
+    """``⌊γ r⌋``, at least 1: where the penalised tail starts and the rank after a prune."""
+    return max(1, int(math.floor(gamma * rank)))
+
+
+def tail_norm(B: Tensor, A: Tensor, gamma: float) -> Tensor:
+    """``‖B[:, ⌊γr⌋:]‖_F · ‖A[⌊γr⌋:, :]‖_F`` (differentiable), 0 when the tail is empty."""
+    start = pruned_rank(A.shape[0], gamma)
+    return B[:, start:].norm() * A[start:, :].norm()
+
+
+def sparsity_weights_scaled(Bs: list[Tensor], As: list[Tensor], scales: list[float]) -> list[float]:
+    """``p_k ∝ ‖s_k B_k A_k‖_F`` normalised to 1; equal weights when every update is zero (oracle O19)."""
+    norms = [s * product_frobenius_norm(B, A) for B, A, s in zip(Bs, As, scales)]
+    total = sum(norms)
+    return [n / total for n in norms] if total > 0 else [1.0 / len(norms)] * len(norms)
+
+
+def aggregate_module(Bs: list[Tensor], As: list[Tensor], weights: list[float], scales: list[float],
+                     rank: int) -> LoraModule:
+    """``Σ_k p_k pad(√s_k B_k)``, ``Σ_k p_k pad(√s_k A_k)`` at ``rank`` (scale 1; oracle O18)."""
+    B_sum, A_sum = None, None
+    for B, A, p, s in zip(Bs, As, weights, scales):
+        B_pad, A_pad = zero_pad(B * math.sqrt(s), A * math.sqrt(s), rank)
+        B_sum = B_pad * p if B_sum is None else B_sum + B_pad * p
+        A_sum = A_pad * p if A_sum is None else A_sum + A_pad * p
+    return LoraModule(A=A_sum, B=B_sum, alpha=float(rank))
+
+
+def distribute(module: LoraModule, rank: int, alpha: float) -> tuple[Tensor, Tensor]:
+    """A client's ``(B, A)`` at ``rank`` from the pre-scaled global: the first rows/columns, divided by ``√s_k``."""
+    root = math.sqrt(alpha / rank)
+    return (module.B[:, :rank] / root).contiguous(), (module.A[:rank] / root).contiguous()
+
+
+@register
+class HetLoRA(Method):
+    name = "hetlora"
+    summary = ("HetLoRA: heterogeneous ranks by zero-padding; sparsity-weighted aggregation; clients prune their "
+               "rank with a tail-norm regulariser.")
+    citation = "Cho et al., Heterogeneous LoRA for Federated Fine-tuning of On-Device Foundation Models, EMNLP 2024"
+    heterogeneous_ranks = True
+    averages_tensors = False
+
+    def init_state(self, initial: Adapter) -> ServerState:
+        return ServerState(initial.clone(), {"aggregated": False, "pruned_ranks": {}})
+
+    def client_ranks(self, state: ServerState, cid: int) -> dict[str, int]:
+        return dict(state.extra.get("pruned_ranks", {}).get(str(cid), self.spec.client_ranks[cid]))
+
+    def configure(self, round_idx: int, state: ServerState, client_ids: list[int]) -> list[ClientPlan]:
+        roles = frozenset({ROLE_A, ROLE_B}) | self.head_roles()
+        head = state.adapter.to_flat(self.head_roles())
+        h = self.cfg.hetlora
+        plans = []
+        for cid in client_ids:
+            ranks = self.client_ranks(state, cid)
+            download = dict(head)
+            if state.extra.get("aggregated"):
+                for name, module in state.adapter.modules.items():
+                    B, A = distribute(module, ranks[name], self.spec.alpha)
+                    download[name + B_SUFFIX], download[name + A_SUFFIX] = B, A
+            config = {"rank_penalty": h.penalty, "rank_gamma": h.gamma, "rank_prune": h.prune}
+            plans.append(ClientPlan(cid, download, train=roles, upload=roles, config=config, ranks=ranks))
+        return plans
+
+    def aggregate(self, round_idx: int, state: ServerState, updates: list[Update]) -> ServerState:
+        if not updates:
+            return state
+        pruned = {k: dict(v) for k, v in state.extra.get("pruned_ranks", {}).items()}
+        for u in updates:
+            if u.metrics.get("prune"):
+                ranks = self.client_ranks(state, u.client_id)
+                pruned[str(u.client_id)] = {n: pruned_rank(r, self.cfg.hetlora.gamma) for n, r in ranks.items()}
+        data_w = data_weights(updates)
+        modules = {}
+        for name, module in state.adapter.modules.items():
+            Bs, As = client_factors(updates, name)
+            keep = [pruned.get(str(u.client_id), {}).get(name, A.shape[0]) for u, A in zip(updates, As)]
+            scales = [self.spec.alpha / A.shape[0] for A in As]  # the scale each client trained with
+            Bs = [B[:, :r] for B, r in zip(Bs, keep)]  # a client that pruned this round drops its tail now
+            As = [A[:r] for A, r in zip(As, keep)]
+            weights = (sparsity_weights_scaled(Bs, As, scales) if self.cfg.hetlora.weighting == "sparsity"
+                       else data_w)
+            modules[name] = aggregate_module(Bs, As, weights, scales, module.rank)
+        head = {**state.adapter.head, **average_head(state, updates, data_w)}
+        return ServerState(Adapter(modules, head), {**state.extra, "aggregated": True, "pruned_ranks": pruned})
