@@ -167,9 +167,12 @@ def report_compare(out: Path) -> list[dict]:
     rows = []
     for key, rs in groups.items():
         acc_m, acc_s = _mean_std([r["summary"]["final_accuracy"] for r in rs])
+        score_m, score_s = _mean_std([_score(r["summary"]) for r in rs])
         eps = [r["summary"].get("max_epsilon") for r in rs]
         rows.append({"method": key[0], **dict(zip(grid_keys, key[1:])), "seeds": len(rs),
                      "final_accuracy_mean": acc_m, "final_accuracy_std": acc_s,
+                     "metric": rs[0]["summary"].get("headline_metric", "accuracy"),
+                     "final_score_mean": score_m, "final_score_std": score_s,
                      "total_upload_bytes": _mean_std([r["summary"]["total_upload_bytes"] for r in rs])[0],
                      "total_download_bytes": _mean_std([r["summary"]["total_download_bytes"] for r in rs])[0],
                      "max_epsilon": _mean_std(eps)[0] if any(e is not None for e in eps) else None,
@@ -184,26 +187,36 @@ def report_compare(out: Path) -> list[dict]:
     return rows
 
 
+def _score(summary: dict) -> float | None:
+    """A run's headline number: ``final_score`` (accuracy, or unseen-task Rouge-L for instruction tasks)."""
+    return summary.get("final_score", summary.get("final_accuracy"))
+
+
+def _per_round_key(metrics: list[dict]) -> str:
+    return "accuracy" if any(m.get("accuracy") is not None for m in metrics) else "rougeL_teacher_forced"
+
+
 def _markdown(rows: list[dict], grid_keys: list[str]) -> str:
-    head = ["method", *grid_keys, "seeds", "final accuracy", "upload (MB)", "max ε"]
+    metric = rows[0]["metric"] if rows else "accuracy"
+    head = ["method", *grid_keys, "seeds", f"final {metric}", "upload (MB)", "max ε"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         eps = "–" if r["max_epsilon"] is None else f"{r['max_epsilon']:.2f}"
         lines.append("| " + " | ".join([r["method"], *[str(r[k]) for k in grid_keys], str(r["seeds"]),
-                                        f"{r['final_accuracy_mean']:.4f} ± {r['final_accuracy_std']:.4f}",
+                                        f"{r['final_score_mean']:.4f} ± {r['final_score_std']:.4f}",
                                         f"{r['total_upload_bytes'] / 1e6:.2f}", eps]) + " |")
-    lines += ["", "Who won where (highest mean final accuracy; margin to the runner-up):", ""]
+    lines += ["", f"Who won where (highest mean final {metric}; margin to the runner-up):", ""]
     cells: dict[tuple, list[dict]] = {}
     for r in rows:
         cells.setdefault(tuple(r[k] for k in grid_keys), []).append(r)
     for key, rs in cells.items():
-        rs = sorted(rs, key=lambda r: -r["final_accuracy_mean"])
+        rs = sorted(rs, key=lambda r: -r["final_score_mean"])
         where = ", ".join(f"{k}={v}" for k, v in zip(grid_keys, key)) or "all runs"
         if len(rs) == 1:
             lines.append(f"- {where}: {rs[0]['method']} (only method)")
             continue
-        margin = rs[0]["final_accuracy_mean"] - rs[1]["final_accuracy_mean"]
-        noise = max(rs[0]["final_accuracy_std"], rs[1]["final_accuracy_std"])
+        margin = rs[0]["final_score_mean"] - rs[1]["final_score_mean"]
+        noise = max(rs[0]["final_score_std"], rs[1]["final_score_std"])
         verdict = "" if margin > noise else " — within one standard deviation, not a clear win"
         lines.append(f"- {where}: **{rs[0]['method']}** by {margin:+.4f} over {rs[1]['method']}{verdict}")
     return "\n".join(lines) + "\n"
@@ -219,7 +232,8 @@ def _plot_compare(results: list[dict], grid_keys: list[str], rows: list[dict], o
     panels: dict[tuple, dict[str, list[list[float]]]] = {}
     for r in results:
         key = tuple(r["grid"][k] for k in grid_keys)
-        acc = [m.get("accuracy") for m in r["metrics"]]
+        per_round = _per_round_key(r["metrics"])
+        acc = [m.get(per_round) for m in r["metrics"]]
         panels.setdefault(key, {}).setdefault(r["method"], []).append(acc)
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
     for ax, (key, by_method) in zip(axes[0], panels.items()):
@@ -230,8 +244,8 @@ def _plot_compare(results: list[dict], grid_keys: list[str], rows: list[dict], o
             mean, std = np.nanmean(a, axis=0), np.nanstd(a, axis=0)
             ax.plot(x, mean, marker="o", label=f"{method} (n={len(curves)})")
             ax.fill_between(x, mean - std, mean + std, alpha=0.2)
-        ax.set(title=", ".join(f"{k}={v}" for k, v in zip(grid_keys, key)) or "accuracy", xlabel="round",
-               ylabel="validation accuracy")
+        ax.set(title=", ".join(f"{k}={v}" for k, v in zip(grid_keys, key)) or per_round, xlabel="round",
+               ylabel="validation accuracy" if per_round == "accuracy" else "unseen-task Rouge-L (teacher-forced)")
         ax.legend(fontsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()

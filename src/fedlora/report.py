@@ -111,6 +111,14 @@ def plot_run(rows: list[dict], path: Path, title: str = "") -> None:
     if client_acc:
         axes[0].plot(*zip(*client_acc), marker=".", linestyle="--", label="mean over clients (local val)")
     axes[0].set(title="accuracy", xlabel="round")
+    for key, marker, label in (("rougeL_teacher_forced", "o", "Rouge-L, teacher-forced (global eval set)"),
+                               ("rougeL", "*", "Rouge-L, generated (global eval set)"),
+                               ("client_rougeL_teacher_forced_mean", ".", "mean over clients, teacher-forced")):
+        series = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
+        if series:
+            axes[0].plot(*zip(*series), marker=marker, label=label, markersize=10 if marker == "*" else 6)
+            axes[0].set(title="Rouge-L")
+            acc = acc or series
     if acc or client_acc:
         axes[0].legend(fontsize=8)
     axes[1].plot(rounds, [r.get("loss") for r in rows], marker="o", label="train (clients)")

@@ -123,3 +123,15 @@ def test_unseen_tasks_never_train(runs):
     seen = {c["task"] for c in clients["clients"]}
     assert not seen & set(clients["heldout_tasks"])
     assert torch.get_num_threads() >= 1
+
+
+@pytest.mark.parametrize("method", ["flora", "hetlora"])
+def test_a_run_resumed_after_round_1_ends_exactly_where_the_uninterrupted_run_does(runs, method, tmp_path):
+    """Checkpoints hold the methods' own state (FLoRA's merged base update, HetLoRA's pruned ranks)."""
+    out = tmp_path / "run"
+    run_experiment(_cfg(method, "rounds=1"), out_dir=out, progress=False, log=lambda *_: None)
+    resumed = run_experiment(_cfg(method), out_dir=out, progress=False, log=lambda *_: None, resume=True)
+    full = runs[method].metrics[-1]
+    assert resumed.metrics[-1]["eval_loss"] == full["eval_loss"]
+    assert resumed.metrics[-1]["rougeL_teacher_forced"] == full["rougeL_teacher_forced"]
+    assert [r["upload_bytes"] for r in resumed.metrics] == [r["upload_bytes"] for r in runs[method].metrics]
