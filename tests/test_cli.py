@@ -1,5 +1,6 @@
 """Command line contract: exit 0 on success, non-zero with a short message (no traceback) on bad input."""
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -78,3 +79,14 @@ def test_sentence_pair_example_runs_one_round(tmp_path):
                  "--set", "data.max_eval_examples=16", "--set", "train.local_steps=1", "--set", "model.max_length=32",
                  "--out", str(tmp_path / "rte"), "--quiet")
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("method", ["flexlora", "flora"])  # hetlora, fedit: tests/engine/test_instruction_runs.py
+def test_flexlora_tiny_example_runs_with_a_heterogeneous_method(tmp_path, method):
+    r = _fedlora("run", "--config", "examples/flexlora_tiny.toml", "--set", f"method={method}", "--set", "rounds=1",
+                 "--set", "train.local_steps=1", "--set", "train.batch_size=2", "--set", "eval.max_client_examples=1",
+                 "--set", "eval.max_new_tokens=4", "--out", str(tmp_path / method), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "unseen-task rougeL" in r.stdout and "client ranks: r2 x1, r4/8 x1, r8 x1" in r.stdout
+    summary = json.loads((tmp_path / method / "summary.json").read_text())
+    assert summary["method"] == method and summary["headline_metric"] == "rougeL"

@@ -208,3 +208,34 @@ def test_steps_per_round_from_epochs():
     assert steps_per_round(cfg, 100) == 10  # ceil(1.5·100/16)
     cfg.local_epochs = 0
     assert steps_per_round(cfg, 100) == 7
+
+
+def test_a_plan_restricted_to_some_modules_trains_and_uploads_only_those():
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+
+    from fedlora.adapters import initial_adapter
+    from fedlora.models import LoraSlots
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(D_IN, D_IN, bias=False), nn.Linear(D_IN, D_OUT, bias=False)).double()
+    model = get_peft_model(base, LoraConfig(r=R, lora_alpha=8.0, target_modules=["0", "1"])).double()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    slots = LoraSlots.of(model)
+    init = initial_adapter(slots.shapes, R, 8.0, 0)
+    init = init.with_tensors({k: v.double() for k, v in init.to_flat().items()})
+    roles = frozenset({"lora_A", "lora_B"})
+    plan = ClientPlan(0, init.to_flat(roles), train=roles, upload=roles, modules=frozenset({"1"}))
+    seen = []
+    real = client_mod.make_optimizer
+    client_mod.make_optimizer = lambda params, *a, **k: (seen.extend(params), real(params, *a, **k))[1]
+    try:
+        up = train_client(model=model, slots=slots, initial=init, plan=plan, examples=_data(n=8), loss_fn=quad_loss,
+                          train_cfg=train_cfg(lr=0.1, local_steps=3), round_idx=1, seed=0)
+    finally:
+        client_mod.make_optimizer = real
+    assert sorted(up.tensors) == ["1.lora_A.weight", "1.lora_B.weight"]
+    assert len(seen) == 2 and all(p is slots.params[k] for p, k in zip(seen, sorted(up.tensors)))
+    assert up.tensors["1.lora_B.weight"].abs().sum() > 0
+    assert torch.equal(slots.params["0.lora_B.weight"], torch.zeros_like(slots.params["0.lora_B.weight"]))

@@ -77,7 +77,7 @@ def train_client(*, model: nn.Module, slots: LoraSlots, initial: Adapter, plan: 
     """Run one client's local work and return what it uploads (``plan.upload`` roles only)."""
     local = initial.with_tensors(plan.download)
     slots.load(local)
-    params = slots.set_trainable(plan.train)
+    params = slots.set_trainable(plan.train, plan.modules)
     if not params:
         raise ValueError(f"client {plan.client_id}: the plan trains nothing (roles {sorted(plan.train)})")
     s = client_seed(seed, round_idx, plan.client_id)
@@ -155,4 +155,4 @@ def train_client(*, model: nn.Module, slots: LoraSlots, initial: Adapter, plan: 
         tail_after = float(_tail_norm(slots, gamma).detach())
         metrics["tail_norm"] = tail_after
         metrics["prune"] = float(bool(plan.config.get("rank_prune")) and tail_after < float(tail_before))
-    return Update(plan.client_id, n, trained.to_flat(plan.upload), metrics)
+    return Update(plan.client_id, n, plan.uploaded(trained), metrics)

@@ -351,12 +351,16 @@ class LoraSlots:
     def head(self) -> dict[str, torch.Tensor]:
         return {k: self.params[k].detach().clone() for k in self.head_keys()}
 
-    def set_trainable(self, roles: frozenset[str]) -> list[nn.Parameter]:
-        """requires_grad on exactly the parameters whose role is in ``roles``; returns them in a stable order."""
+    def set_trainable(self, roles: frozenset[str], modules: frozenset[str] | None = None) -> list[nn.Parameter]:
+        """requires_grad on exactly the parameters whose role is in ``roles`` (LoRA factors only of ``modules`` when
+        given); returns them in a stable order."""
+        from fedlora.adapters import module_of
+
         out = []
         for key in sorted(self.params):
             p = self.params[key]
-            on = role_of(key) in roles
+            role = role_of(key)
+            on = role in roles and (modules is None or role == ROLE_HEAD or module_of(key) in modules)
             p.requires_grad_(on)
             if on:
                 out.append(p)

@@ -14,6 +14,7 @@ fails in seconds with a clear message.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -531,8 +532,7 @@ def _collect_updates(t, plans, eng: Engine, prepared, accountant, progress) -> R
         out.down_bytes += len(payload)
         if plan.merge:
             out.down_bytes += len(wire.encode(plan.merge))
-        plan = type(plan)(plan.client_id, wire.decode(payload), plan.train, plan.upload, plan.config, plan.ranks,
-                          plan.merge)
+        plan = dataclasses.replace(plan, download=wire.decode(payload))
         ranks = plan.ranks or eng.spec.client_ranks[plan.client_id]
         slots = eng.pool.slots(ranks)
         initial = eng.initial_for(ranks, plan.config.get("init_seed"))
@@ -547,7 +547,7 @@ def _collect_updates(t, plans, eng: Engine, prepared, accountant, progress) -> R
             out.dropped[plan.client_id] = reason
             continue
         if cfg.robust.norm_bound > 0:
-            reference = initial.with_tensors(plan.download).to_flat(plan.upload)
+            reference = plan.uploaded(initial.with_tensors(plan.download))
             received, out.norms[plan.client_id] = bound_norm(received, reference, cfg.robust.norm_bound)
         out.updates.append(Update(update.client_id, update.num_examples, received, update.metrics))
         bar.set_postfix(loss=f"{update.metrics['loss']:.3f}")
@@ -560,7 +560,7 @@ def _receive(blob: bytes, plan, initial: Adapter, cfg) -> tuple[dict, str | None
     """Server-side checks of one upload; a bad one is dropped with its reason instead of stopping the run."""
     try:
         limit = int(cfg.robust.max_update_mb * 1e6)
-        return wire.receive_update(blob, initial.to_flat(plan.upload), who=f"client {plan.client_id}",
+        return wire.receive_update(blob, plan.uploaded(initial), who=f"client {plan.client_id}",
                                    max_bytes=limit), None
     except UpdateError as exc:
         return {}, str(exc)

@@ -38,6 +38,17 @@ class ClientPlan:
     """Per-module LoRA ranks for this round; empty = the client's configured ranks (:class:`FederationSpec`)."""
     merge: dict[str, Tensor] = field(default_factory=dict)
     """Tensors the client merges into its frozen base before training (FLoRA); counted as downlink traffic."""
+    modules: frozenset[str] | None = None
+    """Only these LoRA modules train and are uploaded (layer-subset methods); None = every module."""
+
+    def uploaded(self, adapter: Adapter) -> dict[str, Tensor]:
+        """The flat tensors of ``adapter`` this plan uploads: its ``upload`` roles, restricted to ``modules``."""
+        flat = adapter.to_flat(self.upload)
+        if self.modules is None:
+            return flat
+        from fedlora.adapters import ROLE_HEAD, module_of, role_of
+
+        return {k: v for k, v in flat.items() if role_of(k) == ROLE_HEAD or module_of(k) in self.modules}
 
 
 @dataclass
