@@ -156,3 +156,37 @@ def train_client(*, model: nn.Module, slots: LoraSlots, initial: Adapter, plan: 
         metrics["tail_norm"] = tail_after
         metrics["prune"] = float(bool(plan.config.get("rank_prune")) and tail_after < float(tail_before))
     return Update(plan.client_id, n, plan.uploaded(trained), metrics)
+
+
+def layer_gradient_norms(*, model: nn.Module, slots: LoraSlots, initial: Adapter, plan: ClientPlan,
+                         examples: Examples, loss_fn: LossFn, groups: list[list[str]], num_examples: int,
+                         batch_size: int, round_idx: int, seed: int) -> list[float]:
+    """Fed-piLot's local IG-Score (algorithms.md §3.3 step 2.2): ``‖∇_{θ_j} L(D^IG)‖₂`` per layer j (its A and B),
+    from one gradient over a seeded sample of ``num_examples`` local examples at the downloaded global adapter; no
+    optimiser step.  The pass holds every layer's gradient at once (the paper allows layer-by-layer accumulation
+    when memory forbids it; in simulation it is not budgeted)."""
+    from fedlora.adapters import A_SUFFIX, B_SUFFIX
+
+    slots.load(initial.with_tensors(plan.download))
+    params = slots.set_trainable(frozenset({"lora_A", "lora_B"}))
+    rng = np.random.default_rng([client_seed(seed, round_idx, plan.client_id), 61])
+    n = len(examples)
+    idx = np.sort(rng.choice(n, size=min(num_examples, n), replace=False))
+    model.train()
+    try:
+        for start in range(0, len(idx), batch_size):
+            chunk = idx[start:start + batch_size]
+            (loss_fn(model, examples.batch(chunk)) * (len(chunk) / len(idx))).backward()
+        norms = []
+        for group in groups:
+            sq = 0.0
+            for name in group:
+                for key in (name + A_SUFFIX, name + B_SUFFIX):
+                    g = slots.params[key].grad
+                    sq += float((g.double() ** 2).sum()) if g is not None else 0.0
+            norms.append(math.sqrt(sq))
+    finally:
+        for p in params:
+            p.grad = None
+            p.requires_grad_(False)
+    return norms

@@ -149,6 +149,33 @@ class EvalConfig:
 
 
 @dataclass
+class MemoryConfig:
+    budgets: list = _f([], "Client memory budgets for layer-assignment methods (pilot, fedra, topk): training memory "
+                       "above the loaded model, in memory.unit. As many entries as clients (one each), or fewer "
+                       "groups that clients are assigned to in turn (client k gets budgets[k % len]).")
+    unit: str = _f("fraction", "'fraction' (of the predicted memory of training every layer) or 'mb'.",
+                   choices=("fraction", "mb"))
+    calibrate: bool = _f(True, "Profile two training steps of the real model in child processes to calibrate the "
+                         "memory model (else the analytical prior alone).")
+    position_aware: bool = _f(True, "Knapsack with the exact position-aware cost (earliest trained layer); false = "
+                              "the paper's additive costs.")
+    knapsack_unit_mb: float = _f(0.25, "Costs are rounded up to multiples of this (MB) in the knapsack.")
+    smallest_for_all: bool = _f(False, "Baseline: every client gets the smallest budget (what the weakest can train).")
+
+
+@dataclass
+class PilotConfig:
+    ig_examples: int = _f(32, "Examples per client for the IG-Score gradient norms.")
+    score_mix: float = _f(0.5, "lambda: weight of the global IG-Score in the combined score.")
+    score_decay: float = _f(0.9, "beta: moving-average decay of the server's global IG-Score.")
+    momentum_share: float = _f(0.5, "kappa: share of the temporal momentum in the STAgg step.")
+    momentum_decay: float = _f(0.5, "gamma: decay of the per-layer momentum.")
+    dwa_max: float = _f(3.0, "w_max: cap of the dynamic weight for under-covered layers.")
+    dwa: bool = _f(True, "Dynamic weight adjustment by layer coverage (false = spatial-temporal only).")
+    server_lr: float = _f(1.0, "eta_g: server step size.")
+
+
+@dataclass
 class FlexLoraConfig:
     svd_split: str = _f("B", "How singular values are split when truncating: 'B' (all into B, the official code) or "
                         "'sqrt' (sqrt into each factor).", choices=("B", "sqrt"))
@@ -178,6 +205,8 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     flexlora: FlexLoraConfig = field(default_factory=FlexLoraConfig)
     hetlora: HetLoraConfig = field(default_factory=HetLoraConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    pilot: PilotConfig = field(default_factory=PilotConfig)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -338,7 +367,8 @@ def validate(cfg: ExperimentConfig) -> None:
     _need(cfg.method in methods, "method", cfg.method, "one of " + ", ".join(methods))
     _need(cfg.rounds >= 1, "rounds", cfg.rounds, "a positive integer")
     _need(cfg.seed >= 0, "seed", cfg.seed, "a non-negative integer")
-    for name in ("model", "lora", "data", "clients", "train", "dp", "robust", "eval", "flexlora", "hetlora"):
+    for name in ("model", "lora", "data", "clients", "train", "dp", "robust", "eval", "flexlora", "hetlora", "memory",
+                 "pilot"):
         _check_choices(getattr(cfg, name), f"{name}.")
 
     m = cfg.model
@@ -425,6 +455,21 @@ def validate(cfg: ExperimentConfig) -> None:
     _need(cfg.eval.every >= 1, "eval.every", cfg.eval.every, "a positive integer")
     _need(1 <= cfg.eval.max_new_tokens <= 2048, "eval.max_new_tokens", cfg.eval.max_new_tokens, "in [1, 2048]")
     _need(cfg.eval.generate_every >= 0, "eval.generate_every", cfg.eval.generate_every, "a non-negative integer")
+    mem = cfg.memory
+    for i, b in enumerate(mem.budgets):
+        _need(isinstance(b, (int, float)) and not isinstance(b, bool) and b >= 0 and math.isfinite(b),
+              f"memory.budgets[{i}]", b, "a non-negative number")
+    if mem.unit == "fraction":
+        _need(all(b <= 1.0 for b in mem.budgets), "memory.budgets", mem.budgets, "fractions in [0, 1] (memory.unit = "
+              "'fraction')")
+    _need(mem.knapsack_unit_mb > 0, "memory.knapsack_unit_mb", mem.knapsack_unit_mb, "a positive number")
+    pl = cfg.pilot
+    _need(pl.ig_examples >= 1, "pilot.ig_examples", pl.ig_examples, "a positive integer")
+    for key in ("score_mix", "score_decay", "momentum_share", "momentum_decay"):
+        v = getattr(pl, key)
+        _need(0 <= v <= 1, f"pilot.{key}", v, "in [0, 1]")
+    _need(pl.dwa_max >= 1, "pilot.dwa_max", pl.dwa_max, "at least 1")
+    _need(pl.server_lr > 0, "pilot.server_lr", pl.server_lr, "positive")
     h = cfg.hetlora
     _need(h.penalty >= 0 and math.isfinite(h.penalty), "hetlora.penalty", h.penalty, "a non-negative number")
     _need(0 < h.gamma < 1, "hetlora.gamma", h.gamma, "in (0, 1)")

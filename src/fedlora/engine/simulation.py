@@ -31,11 +31,12 @@ from tqdm.auto import tqdm
 from fedlora import wire
 from fedlora.adapters import Adapter
 from fedlora.checkpoint import CheckpointError, load_checkpoint, restore_rng, save_checkpoint
-from fedlora.client import steps_per_round, train_client
+from fedlora.client import layer_gradient_norms, steps_per_round, train_client
 from fedlora.config import ExperimentConfig, from_toml, to_dict, to_toml
 from fedlora.data.partition import partition, split_local
 from fedlora.data.tasks import ClassificationTask
 from fedlora.errors import ConfigError, UpdateError
+from fedlora.layers import block_index, modules_of
 from fedlora.methods import get_method
 from fedlora.methods.base import FederationSpec, ServerState, Update
 from fedlora.models import (AdapterPool, BaseWeights, check_ranks, export_peft_adapter, inject_lora, load_causal_lm,
@@ -145,6 +146,11 @@ def _check_method_options(cfg: ExperimentConfig, method_cls) -> None:
             raise ConfigError(f"method {cfg.method!r} does not average tensors, so robust.aggregation = "
                               f"{r.aggregation!r} / robust.norm_bound = {r.norm_bound} cannot apply; use fedit or ffa "
                               f"for robust aggregation")
+    if method_cls.needs_memory_model and not cfg.memory.budgets:
+        raise ConfigError(f"method {cfg.method!r} assigns LoRA layers within each client's memory budget: set "
+                          f"memory.budgets (e.g. [0.5, 0.75, 1.0] with memory.unit = 'fraction')")
+    if method_cls.needs_memory_model and cfg.dp.enabled:
+        raise ConfigError(f"method {cfg.method!r} with dp.enabled: layer-assignment methods do not support DP-SGD yet")
     if cfg.method == "hetlora" and cfg.dp.enabled and cfg.hetlora.penalty > 0:
         raise ConfigError("hetlora.penalty is not part of the privatised gradient: set hetlora.penalty = 0 with "
                           "dp.enabled = true")
@@ -306,6 +312,8 @@ def build_engine(prepared: Prepared, log=print) -> Engine:
     pool = AdapterPool(model, cfg.lora, task_type)
     slots = pool.slots(global_ranks)
     spec = FederationSpec(slots.shapes, client_ranks, cfg.lora.alpha, cfg.seed, head=slots.head())
+    if get_method(cfg.method).needs_memory_model:
+        _attach_memory_model(spec, model, prepared, task_type, log)
     L = cfg.model.max_length
     if cfg.data.task == "instruction":
         def rows(idx, source):
@@ -327,12 +335,56 @@ def build_engine(prepared: Prepared, log=print) -> Engine:
                   global_val, global_ranks)
 
 
+def _attach_memory_model(spec: FederationSpec, model, prepared: Prepared, task_type: str, log) -> None:
+    """Layer groups, the (calibrated) memory model of one training step and every client's budget in bytes."""
+    from fedlora.layers import layer_groups
+    from fedlora.memory import analytic_activation_bytes, build_memory_model, profile_step
+
+    cfg = prepared.cfg
+    spec.layer_groups = layer_groups(spec.shapes)
+    ranks = spec.global_ranks()
+    params = [sum(ranks[m] * sum(spec.shapes[m]) for m in group) for group in spec.layer_groups]
+    mc = model.base_model.model.config
+    hidden = getattr(mc, "hidden_size", 768)
+    prior = analytic_activation_bytes(cfg.train.batch_size, cfg.model.max_length, hidden,
+                                      getattr(mc, "num_attention_heads", 12),
+                                      getattr(mc, "intermediate_size", 4 * hidden))
+    measure = None
+    if cfg.memory.calibrate:
+        log("calibrating the memory model: profiling two training steps in child processes")
+        profile = dict(model=cfg.model.name, cache_dir=cfg.model.cache_dir,
+                       task="instruction" if task_type == "CAUSAL_LM" else "classification",
+                       num_labels=getattr(prepared.task, "num_labels", 2), rank=cfg.lora.rank, alpha=cfg.lora.alpha,
+                       targets=list(cfg.lora.target_modules), batch=cfg.train.batch_size, seq=cfg.model.max_length,
+                       threads=1)
+
+        def measure(layers):
+            return profile_step({**profile, "layers": list(layers)})["measured"]
+    spec.memory = build_memory_model(params, prior, calibrate_with=measure)
+    full = spec.memory.predict(range(len(spec.layer_groups)))
+    scale = full if cfg.memory.unit == "fraction" else 1e6
+    b = cfg.memory.budgets
+    spec.budgets = {k: float(b[k % len(b)]) * scale for k in range(len(prepared.clients))}
+    log(f"memory model: one step training every layer needs {full / 1e6:.1f} MB above the loaded model "
+        f"({'calibrated' if spec.memory.calibrated else 'analytical'}); budgets "
+        f"{sorted({round(v / 1e6, 1) for v in spec.budgets.values()})} MB")
+
+
 def _write_clients_file(run_dir: Path, prepared: Prepared, spec: FederationSpec) -> None:
     """``clients.json``: every client's task, data sizes and LoRA ranks (written once, at the start)."""
     rows = [{"client": k, "task": c.name or None, "train_examples": len(c.train_rows),
              "validation_examples": len(c.val_rows), "rank_type": describe_config(prepared.rank_configs[k]),
              "ranks": sorted(set(spec.client_ranks[k].values()))} for k, c in enumerate(prepared.clients)]
     data = {"clients": rows, "heldout_tasks": prepared.heldout}
+    if spec.memory is not None:
+        for row in rows:
+            row["memory_budget_mb"] = spec.budgets[row["client"]] / 1e6
+        mm = spec.memory
+        data["memory_model"] = {"calibrated": mm.calibrated, "step_mb": mm.step_bytes / 1e6,
+                                "per_layer_activation_mb": [a / 1e6 for a in mm.act_bytes],
+                                "per_layer_grad_and_optimiser_mb": [g / 1e6 for g in mm.grad_state_bytes],
+                                "all_layers_mb": mm.predict(range(mm.num_layers)) / 1e6,
+                                "calibration_measurements_mb": {k: v / 1e6 for k, v in mm.measurements.items()}}
     (run_dir / "clients.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
 
 
@@ -385,7 +437,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, pro
         sampled = sample_clients(cfg.seed, t, n_clients, cfg.clients.fraction)
         plans = method.configure(t, state, sampled)
         eng.base.set(method.base_delta(state))  # FLoRA: every client's base holds the merged updates so far
-        received = _collect_updates(t, plans, eng, prepared, accountant, progress)
+        received = _collect_updates(t, plans, eng, prepared, accountant, progress, method)
         state = method.aggregate(t, state, received.updates)
         row = _round_row(t, received, prepared, accountant, cfg)
         if t % cfg.eval.every == 0 or t == cfg.rounds:
@@ -518,9 +570,30 @@ class RoundUpdates:
     norms: dict[int, float] = field(default_factory=dict)
     up_bytes: int = 0
     down_bytes: int = 0
+    reports: dict[int, dict] = field(default_factory=dict)
 
 
-def _collect_updates(t, plans, eng: Engine, prepared, accountant, progress) -> RoundUpdates:
+def _peak_reset() -> int:
+    """Reset the process's peak-RSS mark and return the current RSS (measured client memory, Linux)."""
+    from fedlora.memory import _reset_peak, _rss_status
+
+    try:
+        _reset_peak()
+        return _rss_status()[0]
+    except OSError:  # pragma: no cover - no /proc
+        return 0
+
+
+def _peak_rss() -> int:
+    from fedlora.memory import _rss_status
+
+    try:
+        return _rss_status()[1]
+    except OSError:  # pragma: no cover
+        return 0
+
+
+def _collect_updates(t, plans, eng: Engine, prepared, accountant, progress, method=None) -> RoundUpdates:
     """Send each plan over the wire, train the client, receive and check its upload (bytes counted both ways)."""
     cfg = prepared.cfg
     task = prepared.task
@@ -536,10 +609,30 @@ def _collect_updates(t, plans, eng: Engine, prepared, accountant, progress) -> R
         ranks = plan.ranks or eng.spec.client_ranks[plan.client_id]
         slots = eng.pool.slots(ranks)
         initial = eng.initial_for(ranks, plan.config.get("init_seed"))
-        update = train_client(model=eng.model, slots=slots, initial=initial, plan=plan,
-                              examples=eng.client_train[plan.client_id], loss_fn=task.loss, train_cfg=cfg.train,
-                              round_idx=t, seed=cfg.seed, privacy=prepared.privacy.get(plan.client_id),
-                              accountant=accountant, secure_rng=cfg.dp.secure_rng)
+        report: dict = {}
+        if plan.config.get("select") == "pilot":  # client side: IG-Score on local data, then its own knapsack
+            scores = layer_gradient_norms(model=eng.model, slots=slots, initial=initial, plan=plan,
+                                          examples=eng.client_train[plan.client_id], loss_fn=task.loss,
+                                          groups=eng.spec.layer_groups, num_examples=cfg.pilot.ig_examples,
+                                          batch_size=cfg.train.batch_size, round_idx=t, seed=cfg.seed)
+            layers, report = method.select(plan, scores)
+            report["ig_gradient_norms"] = scores
+            plan = dataclasses.replace(plan, modules=modules_of(layers, eng.spec.layer_groups))
+        if plan.modules is not None:
+            report["layers"] = sorted({block_index(m) for m in plan.modules})
+            report["memory_predicted_mb"] = eng.spec.memory.predict(report["layers"]) / 1e6
+        if plan.modules is not None and not plan.modules and not (plan.train & {"head"}):
+            update = Update(plan.client_id, len(eng.client_train[plan.client_id]), {},
+                            {"loss": float("nan"), "skipped": 1.0})  # nothing fits its budget: it sits out
+        else:
+            rss_before = _peak_reset() if plan.modules is not None else None
+            update = train_client(model=eng.model, slots=slots, initial=initial, plan=plan,
+                                  examples=eng.client_train[plan.client_id], loss_fn=task.loss, train_cfg=cfg.train,
+                                  round_idx=t, seed=cfg.seed, privacy=prepared.privacy.get(plan.client_id),
+                                  accountant=accountant, secure_rng=cfg.dp.secure_rng)
+            if rss_before is not None:
+                report["memory_measured_mb"] = (_peak_rss() - rss_before) / 1e6
+        update.report.update(report)
         blob = wire.encode(update.tensors)
         out.up_bytes += len(blob)
         received, reason = _receive(blob, plan, initial, cfg)
@@ -549,7 +642,9 @@ def _collect_updates(t, plans, eng: Engine, prepared, accountant, progress) -> R
         if cfg.robust.norm_bound > 0:
             reference = plan.uploaded(initial.with_tensors(plan.download))
             received, out.norms[plan.client_id] = bound_norm(received, reference, cfg.robust.norm_bound)
-        out.updates.append(Update(update.client_id, update.num_examples, received, update.metrics))
+        out.updates.append(Update(update.client_id, update.num_examples, received, update.metrics, update.report))
+        if update.report:
+            out.reports[plan.client_id] = update.report
         bar.set_postfix(loss=f"{update.metrics['loss']:.3f}")
         fault_point("train", t)
     bar.close()
@@ -568,8 +663,9 @@ def _receive(blob: bytes, plan, initial: Adapter, cfg) -> tuple[dict, str | None
 
 def _round_row(t, received: RoundUpdates, prepared, accountant, cfg) -> dict:
     updates = received.updates
-    n = sum(u.num_examples for u in updates)
-    loss = sum(u.metrics["loss"] * u.num_examples for u in updates) / n if n else None
+    trained = [u for u in updates if not u.metrics.get("skipped")]
+    n = sum(u.num_examples for u in trained)
+    loss = sum(u.metrics["loss"] * u.num_examples for u in trained) / n if n else None
     row = {"round": t, "loss": loss, "accuracy": None, "eval_loss": None, "upload_bytes": received.up_bytes,
            "download_bytes": received.down_bytes, "epsilon": None, "clients": len(updates),
            "rejected": len(received.dropped)}
@@ -577,6 +673,10 @@ def _round_row(t, received: RoundUpdates, prepared, accountant, cfg) -> dict:
         row["dropped"] = received.dropped
     if received.norms:
         row["update_norm"] = received.norms
+    for key in ("layers", "memory_predicted_mb", "memory_measured_mb"):
+        per = {k: r[key] for k, r in received.reports.items() if key in r}
+        if per:
+            row[f"{key}_per_client" if key != "layers" else "layers_trained"] = per
     if cfg.dp.enabled:
         eps = {k: accountant.epsilon(k, cfg.dp.delta) for k in range(len(prepared.clients))}
         row["epsilon"] = max(eps.values())

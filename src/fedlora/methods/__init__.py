@@ -1,5 +1,5 @@
 """Federated LoRA methods, one file each, registered by name (see :mod:`fedlora.methods.base`)."""
-from fedlora.methods import fedit, ffa, flexlora, flora, hetlora  # noqa: F401  (registration side effect)
+from fedlora.methods import fedit, fedra, ffa, flexlora, flora, hetlora, pilot  # noqa: F401  (registration side effect)
 from fedlora.methods.base import (ClientPlan, Method, ServerState, Update, available_methods, get_method,
                                   method_summaries, register)
 

@@ -59,6 +59,8 @@ class Update:
     num_examples: int
     tensors: dict[str, Tensor]
     metrics: dict[str, float] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+    """Structured client reports beside the tensors (Fed-piLot: the chosen layers and their IG-Scores)."""
 
 
 @dataclass
@@ -74,6 +76,12 @@ class FederationSpec:
     alpha: float
     seed: int
     head: dict[str, Tensor] = field(default_factory=dict)
+    layer_groups: list[list[str]] = field(default_factory=list)
+    """Layer-assignment methods: module names per transformer block (see :mod:`fedlora.layers`)."""
+    memory: Any = None
+    """Layer-assignment methods: the :class:`fedlora.memory.MemoryModel` of one client training step."""
+    budgets: dict[int, float] = field(default_factory=dict)
+    """Layer-assignment methods: each client's training-memory budget in bytes."""
 
     def initial(self, client_id: int | None = None, ranks: dict[str, int] | None = None,
                 seed: int | None = None) -> Adapter:
@@ -145,6 +153,8 @@ class Method(ABC):
     """False: every client must use the same ranks; the engine gives all the smallest configuration in use."""
     averages_tensors: ClassVar[bool] = True
     """True when aggregation is a per-tensor average, so ``robust.*`` rules and norm bounds apply."""
+    needs_memory_model: ClassVar[bool] = False
+    """True for layer-assignment methods: the engine builds layer groups, the memory model and client budgets."""
 
     def __init__(self, cfg: Any, spec: FederationSpec | None = None):
         self.cfg = cfg

@@ -93,3 +93,122 @@ def stagg(global_tensors: dict[str, Tensor], uploads: list[dict[str, Tensor]], s
         new_global[key] = (theta.to(torch.float64) + step).to(theta.dtype)
         new_momentum[key] = h.to(theta.dtype)
     return new_global, new_momentum, coverage
+
+
+# ------------------------------------------------------------------------------------------------ the methods
+from fedlora.adapters import ROLE_A, ROLE_B, ROLE_HEAD, Adapter, module_of, role_of  # noqa: E402
+from fedlora.knapsack import solve_01, solve_position_aware, top_k_that_fit  # noqa: E402
+from fedlora.layers import block_index, modules_of  # noqa: E402
+from fedlora.methods.base import ClientPlan, Method, ServerState, Update, register  # noqa: E402
+
+MB = 1_000_000
+
+
+def fit_layers(spec, budget: float, values: list[float] | None = None, order: list[int] | None = None,
+               position_aware: bool = True, unit_mb: float = 0.25) -> list[int]:
+    """The layers a client with ``budget`` bytes trains: the knapsack over ``values`` (Fed-piLot), or the longest
+    run of ``order`` that fits (FedRA's random order, the top-k baseline's last-to-first order).  Every answer's
+    predicted memory is within the budget."""
+    mm = spec.memory
+    costs, prefix, step = mm.knapsack_inputs()
+    room = budget - step
+    if room < 0:
+        return []
+    everything = list(range(mm.num_layers))
+    if mm.predict(everything) <= budget and order is None:  # all fit: no rounding in the knapsack can lose one
+        return [j for j in everything if values[j] > 0] if values is not None else everything
+    if order is not None:
+        got = (top_k_that_fit(order, costs, room, prefix) if position_aware
+               else top_k_that_fit(order, mm.additive_costs(), room))
+    elif position_aware:
+        got = solve_position_aware(values, costs, prefix, room, unit=unit_mb * MB)
+    else:
+        got = solve_01(values, mm.additive_costs(), room, unit=unit_mb * MB)
+    layers = sorted(got.layers)
+    if mm.predict(layers) > budget * (1 + 1e-9):
+        raise RuntimeError(f"layer assignment {layers} exceeds its budget ({mm.predict(layers)} > {budget} bytes)")
+    return layers
+
+
+class LayerAssignment(Method):
+    """Shared machinery: each client trains A and B of a subset of layers (transformer blocks), chosen within its
+    memory budget; the server aggregates each LoRA tensor over the clients that trained it (STAgg; FedRA and top-k
+    use its spatial part only, oracle O28)."""
+
+    averages_tensors = False
+    needs_memory_model = True
+    use_momentum = False
+    use_dwa = False
+
+    def init_state(self, initial: Adapter) -> ServerState:
+        return ServerState(initial.clone(), {"global_scores": None})
+
+    def _budget(self, cid: int) -> float:
+        budgets = self.spec.budgets
+        return min(budgets.values()) if self.cfg.memory.smallest_for_all else budgets[cid]
+
+    def choose(self, round_idx: int, state: ServerState, cid: int) -> tuple[list[int] | None, dict]:
+        """(layers, plan config): layers None = the client chooses (Fed-piLot)."""
+        raise NotImplementedError
+
+    def configure(self, round_idx: int, state: ServerState, client_ids: list[int]) -> list[ClientPlan]:
+        roles = frozenset({ROLE_A, ROLE_B}) | self.head_roles()
+        download = state.adapter.to_flat(roles)
+        plans = []
+        for cid in client_ids:
+            layers, config = self.choose(round_idx, state, cid)
+            config = {**config, "budget": self._budget(cid)}
+            modules = None if layers is None else modules_of(layers, self.spec.layer_groups)
+            plans.append(ClientPlan(cid, download, train=roles, upload=roles, config=config, modules=modules))
+        return plans
+
+    def aggregate(self, round_idx: int, state: ServerState, updates: list[Update]) -> ServerState:
+        if not updates:
+            return state
+        flat = state.adapter.to_flat()
+        num_layers = len(self.spec.layer_groups)
+        layer_of = {k: (num_layers if role_of(k) == ROLE_HEAD else block_index(module_of(k))) for k in flat}
+        momentum = {k[len("momentum/"):]: v for k, v in state.extra.items() if k.startswith("momentum/")}
+        p = self.cfg.pilot
+        settings = STAggSettings(server_lr=p.server_lr if self.use_momentum else 1.0,
+                                 kappa=p.momentum_share if self.use_momentum else 0.0,
+                                 gamma=p.momentum_decay, w_max=p.dwa_max)
+        new, new_momentum, coverage = stagg(flat, [u.tensors for u in updates], [u.num_examples for u in updates],
+                                            layer_of, num_layers + 1, momentum if self.use_momentum else {},
+                                            settings, use_dwa=self.use_dwa and p.dwa)
+        extra = {k: v for k, v in state.extra.items() if not k.startswith("momentum/")}
+        if self.use_momentum:
+            extra.update({f"momentum/{k}": v for k, v in new_momentum.items()})
+        extra["coverage"] = coverage[:num_layers]
+        reported = [u.report["affordable_scores"] for u in updates if "affordable_scores" in u.report]
+        if reported:
+            weights = [u.num_examples for u in updates if "affordable_scores" in u.report]
+            extra["global_scores"] = update_global_scores(state.extra.get("global_scores"), reported, weights,
+                                                          p.score_decay)
+        return ServerState(state.adapter.with_tensors(new), extra)
+
+
+@register
+class FedPilot(LayerAssignment):
+    name = "pilot"
+    summary = ("Fed-piLot: each client trains the LoRA layers a knapsack picks (value = local-global IG-Score, "
+               "weight = memory, capacity = its budget); STAgg with dynamic weights.")
+    citation = "Zhang et al., Fed-piLot: Optimizing LoRA Assignment for Efficient Federated FM Fine-Tuning, 2024"
+    use_momentum = True
+    use_dwa = True
+
+    def choose(self, round_idx, state, cid):
+        p = self.cfg.pilot
+        return None, {"select": "pilot", "global_scores": state.extra.get("global_scores"),
+                      "score_mix": p.score_mix, "ig_examples": p.ig_examples}
+
+    def select(self, plan: ClientPlan, local_scores: list[float]) -> tuple[list[int], dict]:
+        """Client side, given its IG gradient norms: affordable -> combined scores -> knapsack (§3.3 steps 2-3)."""
+        mm = self.spec.memory
+        budget = plan.config["budget"]
+        alone = [mm.predict([j]) for j in range(mm.num_layers)]
+        affordable = affordable_scores(local_scores, alone, budget)
+        combined = combined_scores(plan.config.get("global_scores"), affordable, plan.config["score_mix"])
+        layers = fit_layers(self.spec, budget, values=combined, position_aware=self.cfg.memory.position_aware,
+                            unit_mb=self.cfg.memory.knapsack_unit_mb)
+        return layers, {"affordable_scores": affordable, "combined_scores": combined}
