@@ -135,3 +135,26 @@ def test_a_run_resumed_after_round_1_ends_exactly_where_the_uninterrupted_run_do
     assert resumed.metrics[-1]["eval_loss"] == full["eval_loss"]
     assert resumed.metrics[-1]["rougeL_teacher_forced"] == full["rougeL_teacher_forced"]
     assert [r["upload_bytes"] for r in resumed.metrics] == [r["upload_bytes"] for r in runs[method].metrics]
+
+
+def test_fed_pilot_assigns_smollm2_blocks_within_budgets(tmp_path):
+    """Layer assignment works on the decoder too: 30 blocks of q_proj/up_proj LoRA, 3 memory groups."""
+    from fedlora.report import read_metrics
+
+    cfg = load_config(None, [
+        "method=pilot", "rounds=1", 'model.name="smollm2"', "model.max_length=80",
+        f"lora.target_modules={json.dumps(TARGETS)}", "lora.rank=2", 'data.task="instruction"',
+        'data.train="bundled:superni/train"', 'data.validation="bundled:superni/validation"',
+        'clients.partition="by_task"', "clients.num=3", "clients.heldout_tasks=1", "train.batch_size=2",
+        "train.local_steps=1", "train.eval_batch_size=4", "eval.per_client=false", "eval.max_client_examples=2",
+        "eval.max_new_tokens=4", "memory.budgets=[0.3, 0.6, 1.0]", "memory.calibrate=false", "pilot.ig_examples=4"])
+    res = run_experiment(cfg, out_dir=tmp_path / "run", progress=False, log=lambda *_: None)
+    row = read_metrics(res.run_dir)[0]
+    info = json.loads((res.run_dir / "clients.json").read_text())
+    budgets = {str(c["client"]): c["memory_budget_mb"] for c in info["clients"]}
+    assert len(info["memory_model"]["per_layer_activation_mb"]) == LAYERS
+    for cid, layers in row["layers_trained"].items():
+        assert row["memory_predicted_mb_per_client"][cid] <= budgets[cid] * (1 + 1e-9)
+        assert all(0 <= j < LAYERS for j in layers)
+    assert len(row["layers_trained"]["2"]) == LAYERS  # the full budget trains every block
+    assert 0 < len(row["layers_trained"]["0"]) < LAYERS

@@ -212,3 +212,20 @@ def test_flora_downlink_grows_with_clients_and_out_of_sync_clients_get_the_dense
         assert set(stale.merge) == {"m1.delta", "m2.delta"}
     per_client = 2 * sum(d_out + d_in for d_out, d_in in SHAPES.values()) * 8
     assert sizes[1] - sizes[0] == pytest.approx(2 * per_client, rel=0.05)
+
+
+def test_flexlora_streaming_aggregation_equals_the_batch_rule():
+    """The engine's incremental path (begin/accumulate/finish, dense or factored per module) gives the same global."""
+    from fedlora.methods.base import ClientPlan
+
+    for ranks in ([1, 2], [4, 4, 4]):  # Σr below min(d) (factored) and at/above it (dense accumulator)
+        m, state = _method("flexlora", ranks)
+        updates = [_random_update(k, r, 7 * (k + 1), seed=70 + k) for k, r in enumerate(ranks)]
+        plans = [ClientPlan(k, {}, frozenset(), frozenset(), ranks={n: r for n in SHAPES}) for k, r in enumerate(ranks)]
+        acc = m.begin(1, state, plans)
+        assert all(acc["dense"][n] == (sum(ranks) >= min(SHAPES[n])) for n in SHAPES)
+        for u in updates:
+            m.accumulate(acc, u)
+        streamed, batch = m.finish(1, state, acc), m.aggregate(1, state, updates)
+        for name in SHAPES:
+            torch.testing.assert_close(_product(streamed, name), _product(batch, name), rtol=1e-9, atol=1e-11)

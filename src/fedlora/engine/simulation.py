@@ -437,8 +437,9 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, pro
         sampled = sample_clients(cfg.seed, t, n_clients, cfg.clients.fraction)
         plans = method.configure(t, state, sampled)
         eng.base.set(method.base_delta(state))  # FLoRA: every client's base holds the merged updates so far
-        received = _collect_updates(t, plans, eng, prepared, accountant, progress, method)
-        state = method.aggregate(t, state, received.updates)
+        stream = method.begin(t, state, plans) if hasattr(method, "accumulate") else None
+        received = _collect_updates(t, plans, eng, prepared, accountant, progress, method, stream)
+        state = method.finish(t, state, stream) if stream is not None else method.aggregate(t, state, received.updates)
         row = _round_row(t, received, prepared, accountant, cfg)
         if t % cfg.eval.every == 0 or t == cfg.rounds:
             generate = t == cfg.rounds or (cfg.eval.generate_every > 0 and t % cfg.eval.generate_every == 0)
@@ -593,8 +594,10 @@ def _peak_rss() -> int:
         return 0
 
 
-def _collect_updates(t, plans, eng: Engine, prepared, accountant, progress, method=None) -> RoundUpdates:
-    """Send each plan over the wire, train the client, receive and check its upload (bytes counted both ways)."""
+def _collect_updates(t, plans, eng: Engine, prepared, accountant, progress, method=None, stream=None) -> RoundUpdates:
+    """Send each plan over the wire, train the client, receive and check its upload (bytes counted both ways).
+    With a ``stream`` (methods that aggregate incrementally) each accepted upload goes straight into the method's
+    accumulator and its tensors are not kept: server memory does not grow with the number of sampled clients."""
     cfg = prepared.cfg
     task = prepared.task
     out = RoundUpdates()
@@ -642,6 +645,9 @@ def _collect_updates(t, plans, eng: Engine, prepared, accountant, progress, meth
         if cfg.robust.norm_bound > 0:
             reference = plan.uploaded(initial.with_tensors(plan.download))
             received, out.norms[plan.client_id] = bound_norm(received, reference, cfg.robust.norm_bound)
+        if stream is not None:
+            method.accumulate(stream, Update(update.client_id, update.num_examples, received, update.metrics))
+            received = {}
         out.updates.append(Update(update.client_id, update.num_examples, received, update.metrics, update.report))
         if update.report:
             out.reports[plan.client_id] = update.report

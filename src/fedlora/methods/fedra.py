@@ -1,8 +1,8 @@
 """FedRA (Su et al., arXiv 2311.11227; algorithms.md §4.7) and the "top-k layers that fit" baseline, under the same
 memory budgets as Fed-piLot.
 
-* ``fedra``: every round each client trains a *random* set of layers: layers in a random order (seeded by round and
-  client) taken while the set's predicted memory fits the client's budget.
+* ``fedra``: every round each client trains a *random* set of layers: the layers in a random order (seeded by round
+  and client), each added when the set's predicted memory still fits the client's budget.
 * ``topk``: each client trains the last layers, from the top block down, as many as fit (the cheapest by position:
   they need the shortest backpropagation).
 
@@ -27,8 +27,12 @@ class FedRA(LayerAssignment):
     def choose(self, round_idx, state, cid):
         n = len(self.spec.layer_groups)
         order = [int(j) for j in np.random.default_rng([self.spec.seed, round_idx, cid, 53]).permutation(n)]
-        return fit_layers(self.spec, self._budget(cid), order=order,
-                          position_aware=self.cfg.memory.position_aware), {}
+        budget, mm = self._budget(cid), self.spec.memory
+        chosen: list[int] = []
+        for j in order:  # each layer in random order joins if the set still fits (a misfit is skipped, not a stop)
+            if mm.predict(chosen + [j]) <= budget:
+                chosen.append(j)
+        return sorted(chosen), {}
 
 
 @register

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fedlora.adapters import A_SUFFIX, B_SUFFIX, ROLE_A, ROLE_B, Adapter, LoraModule
+from fedlora.adapters import A_SUFFIX, B_SUFFIX, ROLE_A, ROLE_B, ROLE_HEAD, Adapter, LoraModule, role_of
 from fedlora.lowrank import svd_of_weighted_sum, truncate
 from fedlora.methods.base import (ClientPlan, Method, ServerState, Update, average_head, client_factors, data_weights,
                                   register)
@@ -72,6 +72,50 @@ class FlexLoRA(Method):
                     download[name + B_SUFFIX], download[name + A_SUFFIX] = B, A
             plans.append(ClientPlan(cid, download, train=roles, upload=roles, ranks=ranks))
         return plans
+
+    # ---- streaming aggregation: the engine feeds updates one by one and keeps none of their tensors
+    def begin(self, round_idx: int, state: ServerState, plans: list[ClientPlan]) -> dict:
+        """Per module, a dense accumulator when the round's total rank reaches ``min(d_out, d_in)`` (then the dense
+        matrix is the smaller object), else the list of client factors for the exact factored SVD."""
+        totals = {n: sum(p.ranks[n] for p in plans) for n in state.adapter.modules}
+        dense = {n: totals[n] >= min(self.spec.shapes[n]) for n in totals}
+        return {"dense": dense, "sum": {}, "factors": {n: [] for n in totals}, "head": {}, "n": 0}
+
+    def accumulate(self, acc: dict, update: Update) -> None:
+        n = update.num_examples
+        acc["n"] += n
+        for name, dense in acc["dense"].items():
+            B, A = update.tensors[name + B_SUFFIX], update.tensors[name + A_SUFFIX]
+            c = n * self.spec.alpha / A.shape[0]
+            if dense:
+                if name not in acc["sum"]:
+                    acc["sum"][name] = torch.zeros(B.shape[0], A.shape[1], dtype=B.dtype)
+                acc["sum"][name].addmm_(B, A, alpha=c)
+            else:
+                acc["factors"][name].append((B, A, c))
+        for key, value in update.tensors.items():
+            if role_of(key) == ROLE_HEAD:
+                acc["head"][key] = acc["head"].get(key, 0) + n * value.double()
+
+    def finish(self, round_idx: int, state: ServerState, acc: dict) -> ServerState:
+        if acc["n"] == 0:
+            return state
+        from fedlora.lowrank import dense_svd, factored_svd, stack_factors
+
+        modules = {}
+        for name, dense in acc["dense"].items():
+            if dense:
+                U, S, Vh = dense_svd(acc["sum"].pop(name) / acc["n"])
+                total = min(U.shape[1], Vh.shape[0])
+                U, S, Vh = U[:, :total], S[:total], Vh[:total]
+            else:
+                Bs, As, cs = zip(*acc["factors"][name])
+                U, S, Vh = factored_svd(*stack_factors(list(Bs), list(As), [c / acc["n"] for c in cs]))
+            modules[name] = LoraModule(A=Vh.contiguous(), B=(U * S).contiguous(), alpha=float(S.numel()))
+        head = dict(state.adapter.head)
+        for key, total in acc["head"].items():
+            head[key] = (total / acc["n"]).to(state.adapter.head[key].dtype)
+        return ServerState(Adapter(modules, head), {**state.extra, "aggregated": True})
 
     def aggregate(self, round_idx: int, state: ServerState, updates: list[Update]) -> ServerState:
         if not updates:
