@@ -50,7 +50,7 @@ def main() -> int:
         f'data.validation="{data / "validation.jsonl.gz"}"', f'data.instructions="{data / "tasks.jsonl"}"',
         'data.client_column="client_id"', 'data.instruction_column="definition"', "data.max_eval_examples=16",
         'clients.partition="by_task"', "clients.num=0", "clients.fraction=0.05",
-        "train.batch_size=1", "train.local_steps=1", "train.eval_batch_size=8",
+        "train.batch_size=1", "train.local_steps=1", "train.eval_batch_size=4",
         "eval.per_client=false", "eval.max_new_tokens=8"])
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:

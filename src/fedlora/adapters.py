@@ -85,24 +85,29 @@ class Adapter:
         return out
 
     def with_tensors(self, flat: dict[str, Tensor]) -> "Adapter":
-        """A copy where the given flat tensors replace ours; every key must exist with the same shape."""
-        new = self.clone()
+        """A copy where the given flat tensors replace ours; every key must exist with the same shape.  Each
+        tensor of the result is copied once (a replaced tensor of ours is not copied first)."""
+        given: dict[str, dict[str, Tensor]] = {}
+        head = {}
         for key, value in flat.items():
             role = role_of(key)
             if role == ROLE_HEAD:
-                if key not in new.head:
+                if key not in self.head:
                     raise UpdateError(f"unexpected head tensor {key!r}")
-                _check_shape(key, new.head[key], value)
-                new.head[key] = value.clone()
+                _check_shape(key, self.head[key], value)
+                head[key] = value
                 continue
             name = module_of(key)
-            if name not in new.modules:
+            if name not in self.modules:
                 raise UpdateError(f"unexpected LoRA tensor {key!r}: no such target module")
-            m = new.modules[name]
             attr = "A" if role == ROLE_A else "B"
-            _check_shape(key, getattr(m, attr), value)
-            setattr(m, attr, value.clone())
-        return new
+            _check_shape(key, getattr(self.modules[name], attr), value)
+            given.setdefault(name, {})[attr] = value
+        modules = {}
+        for name, m in self.modules.items():
+            new = given.get(name, {})
+            modules[name] = LoraModule(new.get("A", m.A).clone(), new.get("B", m.B).clone(), m.alpha)
+        return Adapter(modules, {k: head.get(k, v).clone() for k, v in self.head.items()})
 
     def clone(self) -> "Adapter":
         return Adapter({n: LoraModule(m.A.clone(), m.B.clone(), m.alpha) for n, m in self.modules.items()},

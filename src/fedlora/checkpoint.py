@@ -95,7 +95,7 @@ def save_checkpoint(run_dir: Path, round_idx: int, state: ServerState, accountan
     os.replace(tmp, d / name)
     if fault is not None:
         fault("checkpoint", round_idx)  # between the tensor file and the commit point
-    digest = hashlib.sha256((d / name).read_bytes()).hexdigest()
+    digest = _sha256_of(d / name)
     meta = {
         "format": FORMAT, "round": round_idx, "tensors": name, "sha256": digest,
         "alphas": {n: m.alpha for n, m in state.adapter.modules.items()},
@@ -110,6 +110,15 @@ def save_checkpoint(run_dir: Path, round_idx: int, state: ServerState, accountan
     for old in d.glob("state-*.safetensors"):  # only now is the previous round's file unreferenced
         if old.name != name:
             old.unlink(missing_ok=True)
+
+
+def _sha256_of(path: Path, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a file read in 4 MiB chunks (a full-size FlexLoRA state is ~600 MB: never held twice)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _json_default(v):
@@ -136,8 +145,7 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
         raise CheckpointError(f"checkpoint {meta_path} has format {meta.get('format')}, expected {FORMAT}")
     if not tensor_path.is_file():
         raise CheckpointError(f"checkpoint tensors {tensor_path} are missing; resume refused, no file was changed")
-    blob = tensor_path.read_bytes()
-    if hashlib.sha256(blob).hexdigest() != expected:
+    if _sha256_of(tensor_path) != expected:
         raise CheckpointError(f"checkpoint tensors {tensor_path} do not match their recorded SHA-256 (corrupted); "
                               f"resume refused, no file was changed")
     flat = load_file(str(tensor_path))

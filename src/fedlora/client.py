@@ -70,13 +70,17 @@ def _tail_norm(slots: LoraSlots, gamma: float) -> Tensor:
                torch.zeros(()))
 
 
-def train_client(*, model: nn.Module, slots: LoraSlots, initial: Adapter, plan: ClientPlan, examples: Examples,
+def train_client(*, model: nn.Module, slots: LoraSlots, initial: Adapter | None, plan: ClientPlan, examples: Examples,
                  loss_fn: LossFn, train_cfg, round_idx: int, seed: int,
                  privacy: ClientPrivacy | None = None, accountant: ClientAccountant | None = None,
                  secure_rng: bool = False) -> Update:
-    """Run one client's local work and return what it uploads (``plan.upload`` roles only)."""
-    local = initial.with_tensors(plan.download)
-    slots.load(local)
+    """Run one client's local work and return what it uploads (``plan.upload`` roles only).
+
+    The client starts from ``initial`` with ``plan.download``'s tensors in place of its own, loaded into the slots;
+    ``initial=None`` means the caller has loaded the slots already (the simulation engine does, so that neither the
+    initial adapter nor the download is held while the client trains)."""
+    if initial is not None:
+        slots.load(initial.with_tensors(plan.download))
     params = slots.set_trainable(plan.train, plan.modules)
     if not params:
         raise ValueError(f"client {plan.client_id}: the plan trains nothing (roles {sorted(plan.train)})")

@@ -84,11 +84,47 @@ def _rss_status() -> tuple[int, int]:
     return rss, hwm
 
 
+def release_freed_memory() -> None:
+    """Give memory that PyTorch has freed back to the operating system (glibc ``malloc_trim``; a no-op elsewhere).
+
+    glibc keeps freed heap memory for reuse, so after a client's local work a process's resident size stays at
+    that work's peak; a server that simulates hundreds of clients trims after each one, so its resident size is
+    what it holds, not the sum of every transient peak and its fragments."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim
+        except (OSError, AttributeError):  # pragma: no cover - not glibc
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def return_large_frees_promptly(threshold: int = 1 << 20) -> None:
+    """Serve allocations of ``threshold`` bytes or more (1 MiB) from their own memory maps, so freeing one gives
+    it back to the system at once (glibc; a no-op elsewhere).
+
+    By default glibc raises this threshold to the size of the largest block freed so far (up to 32 MiB), after
+    which the per-module tensors of an aggregation (FlexLoRA's dense sums, 1–4 MB each at SmolLM2 scale) live in
+    the heap and their memory stays with the process once freed.  Set once per process by the simulation engine;
+    ``FEDLORA_MALLOC_TUNING=0`` leaves glibc's default."""
+    global _LIBC
+    import os
+
+    if os.environ.get("FEDLORA_MALLOC_TUNING", "1") == "0":
+        return
+    release_freed_memory()  # resolves _LIBC
+    if _LIBC:
+        _LIBC.mallopt(M_MMAP_THRESHOLD, int(threshold))
+
+
 def _reset_peak() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:  # pragma: no cover - non-glibc
-        pass
+    release_freed_memory()
     with open("/proc/self/clear_refs", "w") as fh:  # "5" resets the peak-RSS high-water mark (Linux >= 4.0)
         fh.write("5")
 

@@ -200,8 +200,8 @@ class AdapterPool:
     Clients with different ranks (FlexLoRA, HetLoRA) need LoRA layers of different shapes.  Rather than resizing one
     adapter in place (the source of the released FlexLoRA code's defect, algorithms.md §2.3 and §5), each distinct
     per-module rank configuration gets its own adapter on the shared base, created on first use and switched to with
-    ``set_adapter``; the least recently used ones are deleted beyond ``max_adapters``.  Only the adapter's tensors
-    are per configuration: no optimiser state outlives a client's local work.
+    ``set_adapter``; the least recently used ones are deleted beyond ``max_adapters``.  Only the active adapter holds
+    storage for its factors (see :meth:`_hold_only`), and no optimiser state outlives a client's local work.
     """
 
     def __init__(self, peft_model, lora_cfg, task_type: str, max_adapters: int = 8):
@@ -210,6 +210,7 @@ class AdapterPool:
         self._names: dict[tuple, str] = {self._key(default.ranks()): "default"}
         self._order: list[tuple] = list(self._names)
         self.shapes = default.shapes
+        self._shapes: dict[str, tuple[int, ...]] = {}  # emptied LoRA parameter → its shape
 
     @staticmethod
     def _key(ranks: dict[str, int]) -> tuple:
@@ -227,48 +228,173 @@ class AdapterPool:
             while len(self._order) > self.max_adapters:
                 old = next(k for k in self._order if self._names[k] != "default" and k != key)
                 self._order.remove(old)
-                self.model.delete_adapter(self._names.pop(old))
+                gone = self._names.pop(old)
+                self.model.delete_adapter(gone)
+                self._shapes = {k: v for k, v in self._shapes.items() if k.rsplit(".", 2)[-2] != gone}
         else:
             self._order.remove(key)
             self._order.append(key)
         name = self._names[key]
         self.model.base_model.set_adapter(name)
+        self._hold_only(name)
         for p in self.model.parameters():
             p.requires_grad_(False)
         return LoraSlots.of(self.model, name)
+
+    @torch.no_grad()
+    def _hold_only(self, active: str) -> None:
+        """Only the active adapter's LoRA factors keep storage; the others are emptied (their values are never
+        read: every client, evaluation and export loads a whole adapter into the slots before using them), and an
+        adapter coming back gets zero-filled storage of its shapes.  A population with many rank configurations
+        thus holds one adapter's factors, not one per configuration."""
+        for pname, p in self.model.named_parameters():
+            if ".lora_A." not in pname and ".lora_B." not in pname:
+                continue
+            adapter = pname.rsplit(".", 2)[-2]
+            if adapter == active:
+                if p.numel() == 0 and pname in self._shapes:
+                    p.data = torch.zeros(self._shapes.pop(pname), dtype=p.dtype, device=p.device)
+            elif p.numel() > 0:
+                self._shapes[pname] = tuple(p.shape)
+                p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+
+
+class WeightFile:
+    """Read-only access to the tensors of a model's safetensors file(s), one tensor at a time, straight into a
+    caller's buffer: the header is parsed once, and a tensor is ``pread`` from its byte range, so restoring a base
+    weight costs no second copy of the model in memory.  Handles a single ``model.safetensors`` and a sharded
+    ``model.safetensors.index.json``."""
+
+    _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+    def __init__(self, files: list[Path]):
+        import json
+        import struct
+
+        self.entries: dict[str, tuple[Path, int, int, torch.dtype, tuple[int, ...]]] = {}
+        for path in files:
+            with open(path, "rb") as fh:
+                (size,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(size))
+            for key, info in header.items():
+                if key == "__metadata__" or info.get("dtype") not in self._DTYPES:
+                    continue
+                begin, stop = info["data_offsets"]
+                self.entries[key] = (Path(path), 8 + size + begin, stop - begin, self._DTYPES[info["dtype"]],
+                                     tuple(info["shape"]))
+
+    @classmethod
+    def of_model(cls, path: str | None) -> "WeightFile | None":
+        """The weight files of a model directory, or of a hub id already in the local cache; ``None`` when there
+        are none in safetensors form (the caller then keeps copies in memory)."""
+        if not path:
+            return None
+        folder = Path(path)
+        if not folder.is_dir():
+            try:
+                from huggingface_hub import try_to_load_from_cache
+
+                found = try_to_load_from_cache(path, "model.safetensors")
+            except Exception:  # noqa: BLE001 - no cache, offline, odd id: fall back to copies
+                return None
+            return cls([Path(found)]) if isinstance(found, str) else None
+        if (folder / "model.safetensors").is_file():
+            return cls([folder / "model.safetensors"])
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            import json
+
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return cls([folder / shard for shard in shards])
+        return None
+
+    def key_for(self, module_name: str, shape: tuple[int, ...]) -> str | None:
+        """The file key of ``module_name``'s weight: the full name, or the name without leading components (a
+        task model, ``bert.encoder…``, loaded from a bare encoder's file, ``encoder…``), with the same shape."""
+        parts = (module_name + ".weight").split(".")
+        for i in range(len(parts) - 1):
+            key = ".".join(parts[i:])
+            if key in self.entries and self.entries[key][4] == tuple(shape):
+                return key
+        return None
+
+    def read_into(self, key: str, out: torch.Tensor) -> None:
+        """``out[...] = tensor(key)``, cast to ``out``'s dtype (exact for the widening casts a model load does)."""
+        path, offset, nbytes, dtype, shape = self.entries[key]
+        target = out if dtype == out.dtype and out.is_contiguous() else torch.empty(shape, dtype=dtype)
+        view = memoryview(target.detach().view(torch.uint8).numpy()).cast("B")
+        if len(view) != nbytes:
+            raise ModelError(f"{path}: {key} has {nbytes} bytes, expected {len(view)}")
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            if fh.readinto(view) != nbytes:
+                raise ModelError(f"{path}: truncated while reading {key}")
+        if target is not out:
+            out.copy_(target)
 
 
 class BaseWeights:
     """Exact control of the frozen weights of the LoRA-wrapped modules: ``W = W0 + delta``.
 
     FLoRA merges every round's stacked update into the base (algorithms.md §4.3), and a global adapter whose ranks
-    differ from every client's (FlexLoRA's full-size ΔW) is evaluated merged.  The pristine ``W0`` of a module is
-    copied the first time it gets a delta, and every :meth:`set` recomputes ``W0 + delta`` from it, so no rounding
-    accumulates over rounds and a resumed run sees bit-identical weights.
+    differ from every client's (FlexLoRA's full-size ΔW) is evaluated merged.  Every :meth:`set` rewrites a touched
+    module as ``W0 + delta`` from the pristine ``W0``, so no rounding accumulates over rounds and a resumed run sees
+    bit-identical weights.  ``W0`` is read back from the model's safetensors file (``source``) when the file holds
+    exactly the loaded weights, checked the first time a module is touched; otherwise (no file, a transformed
+    weight) a copy is kept in memory.  Reading from the file is what keeps a full-size merge (FlexLoRA at
+    SmolLM2 scale: 425 MB of deltas) from also holding a second copy of every base weight.
     """
 
-    def __init__(self, peft_model):
+    def __init__(self, peft_model, source: "WeightFile | None" = None):
         self.layers = {}
         for name, module in peft_model.base_model.model.named_modules():
             if hasattr(module, "get_base_layer") and hasattr(module, "lora_A"):
                 self.layers[name] = module.get_base_layer()
-        self.pristine: dict[str, torch.Tensor] = {}
+        self.source = source
+        self.pristine: dict[str, torch.Tensor] = {}  # modules whose W0 is kept in memory
+        self.from_file: dict[str, str] = {}  # module → key in ``source``
+        self.modified: set[str] = set()  # modules currently holding W0 + delta
 
     @torch.no_grad()
-    def set(self, delta: dict[str, torch.Tensor] | None) -> None:
-        """``W = W0 + delta[name]`` for the modules in ``delta``; every other touched module goes back to ``W0``."""
-        delta = delta or {}
-        for name in delta:
+    def _remember(self, name: str) -> None:
+        if name in self.pristine or name in self.from_file:
+            return
+        weight = self.layers[name].weight
+        key = self.source.key_for(name, tuple(weight.shape)) if self.source is not None else None
+        if key is not None:
+            probe = torch.empty_like(weight)
+            self.source.read_into(key, probe)
+            if torch.equal(probe, weight):
+                self.from_file[name] = key
+                return
+        self.pristine[name] = weight.detach().clone()
+
+    @torch.no_grad()
+    def _restore(self, name: str) -> None:
+        weight = self.layers[name].weight
+        if name in self.from_file:
+            self.source.read_into(self.from_file[name], weight.data)
+        else:
+            weight.copy_(self.pristine[name])
+
+    @torch.no_grad()
+    def set(self, delta=None) -> None:
+        """``W = W0 + delta[name]`` for the modules in ``delta`` (any mapping; a lazy one is read one module at a
+        time); every other modified module goes back to ``W0``."""
+        delta = delta if delta is not None else {}
+        names = list(delta)
+        for name in names:
             if name not in self.layers:
                 raise ModelError(f"cannot merge into {name!r}: not a LoRA-wrapped module")
-            if name not in self.pristine:
-                self.pristine[name] = self.layers[name].weight.detach().clone()
-        for name, w0 in self.pristine.items():
+        for name in names:
+            self._remember(name)
+            self._restore(name)
             weight = self.layers[name].weight
-            if name in delta:
-                weight.copy_(w0 + delta[name].to(w0.dtype))
-            else:
-                weight.copy_(w0)
+            weight.add_(delta[name].to(weight.dtype))
+        wanted = set(names)
+        for name in sorted(self.modified - wanted):
+            self._restore(name)
+        self.modified = wanted
 
 
 def export_peft_adapter(adapter: Adapter, lora_cfg, task_type: str, base_model_path: str, out_dir: Path) -> None:
@@ -336,6 +462,18 @@ class LoraSlots:
             if p.shape != value.shape:
                 raise ModelError(f"adapter tensor {key} has shape {tuple(value.shape)}, model expects {tuple(p.shape)}")
             p.copy_(value.to(p.dtype))
+
+    @torch.no_grad()
+    def load_base_only(self, head: dict[str, torch.Tensor]) -> None:
+        """Every LoRA module contributes exactly zero (``B = 0``; ``A`` is left as it is) and the head is ``head``:
+        the state for evaluating a global model merged into the base weights, without building a zero adapter."""
+        if set(head) != set(self.head_keys()):
+            raise ModelError(f"head keys {sorted(head)[:3]} do not fit the model's {sorted(self.head_keys())[:3]}")
+        for key, p in self.params.items():
+            if key.endswith(B_SUFFIX):
+                p.zero_()
+            elif key in head:
+                p.copy_(head[key].to(p.dtype))
 
     @torch.no_grad()
     def read(self) -> Adapter:

@@ -15,8 +15,6 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
-from opacus.accountants import RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
 
 from fedlora.errors import PrivacyBudgetError
 
@@ -32,9 +30,17 @@ class ClientPrivacy:
     delta: float
 
 
+def _rdp_accountant():
+    """Opacus' RDP accountant, imported on first use: Opacus (and the SciPy it pulls in, ~110 MB resident) is
+    loaded only by runs that account for differential privacy."""
+    from opacus.accountants import RDPAccountant
+
+    return RDPAccountant()
+
+
 def projected_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
     """ε after ``steps`` Poisson-subsampled Gaussian steps, by the RDP accountant."""
-    acc = RDPAccountant()
+    acc = _rdp_accountant()
     acc.history = [(noise_multiplier, sample_rate, steps)]
     return acc.get_epsilon(delta)
 
@@ -51,6 +57,8 @@ def calibrate_noise(epsilon: float, delta: float, sample_rate: float, steps: int
         floor = projected_epsilon(1e6, sample_rate, steps, delta)
         if floor > epsilon:
             raise ValueError(f"the smallest epsilon any noise multiplier reaches here is {floor:.3f}")
+    from opacus.accountants.utils import get_noise_multiplier
+
     return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
                                       steps=steps, accountant="rdp"))
 
@@ -94,10 +102,12 @@ class ClientAccountant:
     """An RDP accountant per client with a compact, checkpointable history."""
 
     def __init__(self) -> None:
-        self._acc: dict[int, RDPAccountant] = {}
+        self._acc: dict = {}  # client id → opacus RDPAccountant
 
     def step(self, client_id: int, noise_multiplier: float, sample_rate: float, steps: int = 1) -> None:
-        acc = self._acc.setdefault(client_id, RDPAccountant())
+        acc = self._acc.get(client_id)
+        if acc is None:
+            acc = self._acc[client_id] = _rdp_accountant()
         for _ in range(steps):
             acc.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
 
@@ -113,6 +123,6 @@ class ClientAccountant:
     def load_state_dict(self, state: dict[int, list[tuple[float, float, int]]]) -> None:
         self._acc = {}
         for cid, history in state.items():
-            acc = RDPAccountant()
+            acc = _rdp_accountant()
             acc.history = [tuple(h) for h in history]
             self._acc[int(cid)] = acc

@@ -451,3 +451,55 @@ def test_dolly_reads_through_the_same_loader_with_its_column_names(tok):
     assert len(task.train_rows) == 50 and len(set(task.groups(task.train_rows))) > 1
     ex = task.tokenise(tok, task.train_rows[:4], 128)
     assert len(ex) == 4 and all(len(ids) <= 128 for ids in ex.input_ids)
+
+
+def test_per_example_nll_matches_a_per_row_reference_and_its_gradient():
+    """Only label positions are gathered; values and gradients equal the row-by-row definition."""
+    import torch
+    import torch.nn.functional as F
+
+    from fedlora.data.instruction import IGNORE, _per_example_nll
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 11, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 11, (3, 7), generator=gen)
+    labels[0, :4] = IGNORE
+    labels[2, :] = IGNORE  # a row without labels contributes 0
+    got = _per_example_nll(logits, labels)
+    want = []
+    for row in range(3):
+        pos = [j for j in range(1, 7) if labels[row, j] != IGNORE]
+        want.append(torch.stack([F.cross_entropy(logits[row, j - 1], labels[row, j]) for j in pos]).mean()
+                    if pos else logits.sum() * 0)
+    want = torch.stack(want)
+    torch.testing.assert_close(got, want)
+    g_got, = torch.autograd.grad(got.sum(), logits)
+    g_want, = torch.autograd.grad(want.sum(), logits)
+    torch.testing.assert_close(g_got, g_want)
+
+
+def test_logits_of_label_positions_only_give_the_same_loss_and_scores(tmp_path, tok, lm, monkeypatch):
+    """A LLaMA model projects only the label positions (``logits_to_keep``); loss, gradient and teacher-forced
+    Rouge-L equal those computed from every position's logits."""
+    import fedlora.data.instruction as instruction
+
+    task = InstructionTask(_data_cfg(tmp_path, ROWS, "data.loss_on=response"))
+    ex = task.tokenise(tok, task.train_rows, 256)
+    assert instruction._takes_logits_to_keep(lm)
+
+    def run():
+        lm.zero_grad()
+        loss = InstructionTask.loss(lm, ex.batch([0, 1, 2, 3]))
+        loss.backward()
+        grad = lm.model.embed_tokens.weight.grad.clone()
+        lm.zero_grad()
+        ev = task.evaluate(lm, tok, ex, batch_size=3, generate=False, max_new_tokens=4)
+        return float(loss), grad, ev
+
+    kept = run()
+    monkeypatch.setattr(instruction, "_takes_logits_to_keep", lambda model: False)
+    full = run()
+    assert kept[0] == pytest.approx(full[0], abs=1e-6)
+    torch.testing.assert_close(kept[1], full[1], rtol=1e-5, atol=1e-7)
+    assert kept[2]["loss"] == pytest.approx(full[2]["loss"], abs=1e-6)
+    assert kept[2]["rougeL_teacher_forced"] == full[2]["rougeL_teacher_forced"]

@@ -246,9 +246,9 @@ class InstructionTask:
         labels[:, 1:]); an example without label tokens contributes 0.  Computed outside the model: HF's internal
         loss is a mean over all tokens of the batch, which Opacus cannot use (feasibility.md §4)."""
         device = _device(model)
-        inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
-        logits = model(**inputs).logits
-        return _per_example_nll(logits, batch["labels"].to(device)).mean()
+        labels = batch["labels"].to(device)
+        logits, start = _label_logits(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), labels)
+        return _per_example_nll(logits, labels[:, start:]).mean()
 
     @torch.no_grad()
     def evaluate(self, model, tokenizer, examples: LMExamples, batch_size: int, generate: bool = False,
@@ -285,11 +285,11 @@ class InstructionTask:
                 starts = torch.tensor([len(examples.prompt_ids[i]) for i in idx]).unsqueeze(1)
                 pos = torch.arange(ids.shape[1]).unsqueeze(0)
                 response_labels = torch.where((pos >= starts) & (b["attention_mask"] == 1), ids, IGNORE)
-                logits = model(input_ids=ids.to(device), attention_mask=b["attention_mask"].to(device)).logits
-                total_loss += float(_per_example_nll(logits, response_labels.to(device)).sum())
-                preds = logits[:, :-1].argmax(-1).cpu()  # preds[:, j] predicts token j + 1
-                pieces = [preds[row, len(examples.prompt_ids[i]) - 1:len(examples.input_ids[i]) - 1].tolist()
-                          for row, i in enumerate(idx)]
+                logits, first = _label_logits(model, ids.to(device), b["attention_mask"].to(device), response_labels)
+                total_loss += float(_per_example_nll(logits, response_labels[:, first:].to(device)).sum())
+                preds = logits[:, :-1].argmax(-1).cpu()  # preds[:, j] predicts token first + j + 1
+                pieces = [preds[row, len(examples.prompt_ids[i]) - 1 - first:len(examples.input_ids[i]) - 1 - first]
+                          .tolist() for row, i in enumerate(idx)]
                 texts = tokenizer.batch_decode(pieces, skip_special_tokens=True)
                 tf_total += sum(rouge_l(t, examples.references[i]) for t, i in zip(texts, idx))
             out = {"loss": total_loss / n, "rougeL_teacher_forced": tf_total / n, "n": n}
@@ -323,14 +323,50 @@ class InstructionTask:
         return total / len(order)
 
 
+def _label_logits(model, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> tuple[Tensor, int]:
+    """``(logits, start)``: the logits of positions ``start …`` only, where ``start`` is the first position of the
+    batch whose next token is a label, so that ``logits[:, j]`` belongs to position ``start + j``.
+
+    A model whose ``forward`` takes ``logits_to_keep`` (LLaMA, Qwen, Mistral, … in transformers) projects only those
+    positions onto the vocabulary; with the loss on the response only, that skips the prompt's share of the largest
+    activation of a language model (``batch × length × vocab``).  Other models give every position (``start = 0``)."""
+    has_label = (labels[:, 1:] != IGNORE).any(dim=0).nonzero()
+    start = int(has_label[0]) if len(has_label) else input_ids.shape[1] - 1
+    if start > 0 and _takes_logits_to_keep(model):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                       logits_to_keep=input_ids.shape[1] - start).logits
+        return logits, start
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits, 0
+
+
+def _takes_logits_to_keep(model) -> bool:
+    import inspect
+
+    inner = model
+    while hasattr(inner, "_module"):  # Opacus' GradSampleModule
+        inner = inner._module
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    kind = type(inner)
+    if kind not in _LOGITS_TO_KEEP:
+        _LOGITS_TO_KEEP[kind] = "logits_to_keep" in inspect.signature(inner.forward).parameters
+    return _LOGITS_TO_KEEP[kind]
+
+
+_LOGITS_TO_KEEP: dict[type, bool] = {}
+
+
 def _per_example_nll(logits: Tensor, labels: Tensor) -> Tensor:
-    """(batch,) mean NLL over each row's label positions (shifted by one); 0 for rows without labels."""
-    shift_logits = logits[:, :-1].float()
+    """(batch,) mean NLL over each row's label positions (shifted by one); 0 for rows without labels.
+
+    Only the label positions' logits are gathered before the log-softmax: with a 49k-token vocabulary the full
+    ``(batch, length, vocab)`` log-probabilities would be the largest tensor of an evaluation batch."""
     shift_labels = labels[:, 1:]
-    nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                          ignore_index=IGNORE, reduction="none").view(shift_labels.shape)
-    count = (shift_labels != IGNORE).sum(dim=1)
-    return nll.sum(dim=1) / count.clamp(min=1)
+    keep = shift_labels != IGNORE
+    rows = keep.nonzero(as_tuple=True)[0]
+    picked = logits[:, :-1][keep].float()  # (label tokens, vocab)
+    nll = F.cross_entropy(picked, shift_labels[keep], reduction="none")
+    total = torch.zeros(labels.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
+    return total / keep.sum(dim=1).clamp(min=1)
 
 
 def _device(model) -> torch.device:

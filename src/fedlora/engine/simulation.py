@@ -20,16 +20,18 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from fedlora import wire
-from fedlora.adapters import Adapter
+from fedlora.adapters import Adapter, LoraModule
 from fedlora.checkpoint import CheckpointError, load_checkpoint, restore_rng, save_checkpoint
 from fedlora.client import layer_gradient_norms, steps_per_round, train_client
 from fedlora.config import ExperimentConfig, from_toml, to_dict, to_toml
@@ -37,10 +39,11 @@ from fedlora.data.partition import partition, split_local
 from fedlora.data.tasks import ClassificationTask
 from fedlora.errors import ConfigError, UpdateError
 from fedlora.layers import block_index, modules_of
+from fedlora.memory import release_freed_memory, return_large_frees_promptly
 from fedlora.methods import get_method
 from fedlora.methods.base import FederationSpec, ServerState, Update
 from fedlora.models import (AdapterPool, BaseWeights, check_ranks, export_peft_adapter, inject_lora, load_causal_lm,
-                            load_classifier, resolve_model_path, target_shapes)
+                            WeightFile, load_classifier, resolve_model_path, target_shapes)
 from fedlora.privacy import ClientAccountant, ClientPrivacy, plan_privacy
 from fedlora.ranks import RankConfig, client_rank_configs, describe_config, module_ranks, smallest_config
 from fedlora.report import MetricsLog, plot_run
@@ -262,6 +265,9 @@ class LazyExamples:
         return self._cache[k]
 
 
+INITIAL_CACHE_PARAMETERS = 8_000_000  # cached fresh initial adapters: 32 MB of fp32 at most; a larger one is not kept
+
+
 @dataclass
 class Engine:
     """The loaded model and what the round loop needs beside the method: adapters per rank configuration, the
@@ -279,14 +285,34 @@ class Engine:
     global_val: object
     default_ranks: dict[str, int]
     _initial_cache: dict = field(default_factory=dict)
+    _templates: dict = field(default_factory=dict)
 
     def initial_for(self, ranks: dict[str, int], seed: int | None) -> Adapter:
+        """The fresh initial adapter at these ranks (seeded), cached most-recently-used first within
+        :data:`INITIAL_CACHE_PARAMETERS` parameters, so that a population with many rank configurations does not
+        keep one full adapter per configuration."""
         key = (tuple(sorted(ranks.items())), seed)
-        if key not in self._initial_cache:
-            if len(self._initial_cache) > 16:
-                self._initial_cache.clear()
-            self._initial_cache[key] = self.spec.initial(ranks=ranks, seed=seed)
-        return self._initial_cache[key]
+        cache = self._initial_cache
+        if key in cache:
+            cache[key] = cache.pop(key)  # most recent last
+            return cache[key]
+        adapter = self.spec.initial(ranks=ranks, seed=seed)
+        if adapter.num_parameters() <= INITIAL_CACHE_PARAMETERS:
+            cache[key] = adapter
+            while sum(a.num_parameters() for a in cache.values()) > INITIAL_CACHE_PARAMETERS:
+                cache.pop(next(iter(cache)))
+        return adapter
+
+    def template_for(self, ranks: dict[str, int]) -> Adapter:
+        """An adapter of these ranks with storage-less (``meta``) tensors: keys, shapes and dtypes for checking
+        uploads, at no memory cost."""
+        key = tuple(sorted(ranks.items()))
+        if key not in self._templates:
+            init = self.spec.initial(ranks=ranks)
+            self._templates[key] = Adapter(
+                {n: LoraModule(m.A.to("meta"), m.B.to("meta"), m.alpha) for n, m in init.modules.items()},
+                {k: v.to("meta") for k, v in init.head.items()})
+        return self._templates[key]
 
 
 def build_engine(prepared: Prepared, log=print) -> Engine:
@@ -331,7 +357,8 @@ def build_engine(prepared: Prepared, log=print) -> Engine:
         client_train = [train_all.subset(c.train_rows) for c in prepared.clients]
         client_val = [(val_all if c.val_from_validation else train_all).subset(c.val_rows) for c in prepared.clients]
         global_val = val_all if prepared.global_eval_rows is None else val_all.subset(prepared.global_eval_rows)
-    return Engine(prepared, tokenizer, model, pool, BaseWeights(model), spec, task_type, client_train, client_val,
+    base = BaseWeights(model, WeightFile.of_model(resolve_model_path(cfg.model.name, cfg.model)))
+    return Engine(prepared, tokenizer, model, pool, base, spec, task_type, client_train, client_val,
                   global_val, global_ranks)
 
 
@@ -394,6 +421,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, pro
     t_start = time.time()
     if cfg.model.threads:
         torch.set_num_threads(cfg.model.threads)
+    return_large_frees_promptly()
     ckpt = None
     if resume:
         if out_dir is None:
@@ -430,7 +458,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, pro
         restore_rng(ckpt.rng)
         start = ckpt.round + 1
         log(f"resuming {run_dir} after round {ckpt.round} of {cfg.rounds}")
-    plans = []
+    plans, train_roles = [], None
 
     for t in range(start, cfg.rounds + 1):
         t0 = time.time()
@@ -440,10 +468,14 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, pro
         stream = method.begin(t, state, plans) if hasattr(method, "accumulate") else None
         received = _collect_updates(t, plans, eng, prepared, accountant, progress, method, stream)
         state = method.finish(t, state, stream) if stream is not None else method.aggregate(t, state, received.updates)
+        train_roles = plans[0].train if plans else train_roles
+        stream = plans = None  # the round's downloads are not kept past it
+        release_freed_memory()
         row = _round_row(t, received, prepared, accountant, cfg)
         if t % cfg.eval.every == 0 or t == cfg.rounds:
             generate = t == cfg.rounds or (cfg.eval.generate_every > 0 and t % cfg.eval.generate_every == 0)
             row.update(_evaluate_global(eng, method, state, generate))
+            release_freed_memory()
         row["wall_s"] = round(time.time() - t0, 3)
         fault_point("aggregate", t)
         save_checkpoint(run_dir, t, state, accountant.state_dict(), metrics.rows + [row], to_toml(cfg),
@@ -457,8 +489,9 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, pro
     _export(eng, method, state, final, run_dir)
     headline = "rougeL" if cfg.data.task == "instruction" else "accuracy"
     last = metrics.rows[-1]
-    trainable = {describe_config(c): eng.initial_for(eng.spec.client_ranks[k], None).num_parameters(plans[0].train)
-                 for k, c in enumerate(prepared.rank_configs)} if plans else {}
+    first_client = {c: k for k, c in reversed(list(enumerate(prepared.rank_configs)))}  # one client per configuration
+    trainable = {describe_config(c): eng.spec.initial(ranks=eng.spec.client_ranks[k]).num_parameters(train_roles)
+                 for c, k in sorted(first_client.items())} if train_roles else {}
     summary = {"method": cfg.method, "rounds": cfg.rounds, "final_accuracy": last.get("accuracy"),
                "headline_metric": headline, "final_score": last.get(headline),
                "total_upload_bytes": sum(r["upload_bytes"] for r in metrics.rows),
@@ -487,12 +520,30 @@ def _fits(adapter: Adapter, ranks: dict[str, int]) -> bool:
     return {n: m.rank for n, m in adapter.modules.items()} == ranks
 
 
-def _merged_delta(base_delta: dict | None, adapter: Adapter) -> dict:
-    out = {n: d.clone() for n, d in (base_delta or {}).items()}
-    for name, module in adapter.modules.items():
-        delta = module.delta().float()
-        out[name] = out[name] + delta if name in out else delta
-    return out
+class _MergedDelta(Mapping):
+    """``base_delta[m] + s·B_m·A_m`` per module, computed when :meth:`BaseWeights.set` reads it: a full-size global
+    adapter is merged one module at a time, never as a dictionary of every dense delta."""
+
+    def __init__(self, base_delta: dict | None, adapter: Adapter):
+        self.base, self.adapter = base_delta or {}, adapter
+        self.names = list(dict.fromkeys([*self.base, *adapter.modules]))
+
+    def __getitem__(self, name: str) -> Tensor:
+        if name not in self.names:
+            raise KeyError(name)
+        delta = self.adapter.modules[name].delta().float() if name in self.adapter.modules else None
+        if name in self.base:
+            return self.base[name] + delta if delta is not None else self.base[name]
+        return delta
+
+    def __contains__(self, name) -> bool:
+        return name in self.names
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def _evaluate_global(eng: Engine, method, state: ServerState, generate: bool) -> dict:
@@ -505,9 +556,8 @@ def _evaluate_global(eng: Engine, method, state: ServerState, generate: bool) ->
         slots.load(global_adapter)
         eng.base.set(base_delta)
     else:
-        zero = eng.spec.initial(ranks=eng.default_ranks)
-        slots.load(zero.with_tensors(dict(global_adapter.head)))
-        eng.base.set(_merged_delta(base_delta, global_adapter))
+        slots.load_base_only(dict(global_adapter.head))
+        eng.base.set(_MergedDelta(base_delta, global_adapter))
     try:
         return _evaluate(eng, generate)
     finally:
@@ -609,12 +659,16 @@ def _collect_updates(t, plans, eng: Engine, prepared, accountant, progress, meth
         if plan.merge:
             out.down_bytes += len(wire.encode(plan.merge))
         plan = dataclasses.replace(plan, download=wire.decode(payload))
+        del payload
+        reference = None
         ranks = plan.ranks or eng.spec.client_ranks[plan.client_id]
         slots = eng.pool.slots(ranks)
-        initial = eng.initial_for(ranks, plan.config.get("init_seed"))
+        seed = plan.config.get("init_seed")
+        template = eng.template_for(ranks)  # shapes and dtypes only: what the server checks an upload against
         report: dict = {}
         if plan.config.get("select") == "pilot":  # client side: IG-Score on local data, then its own knapsack
-            scores = layer_gradient_norms(model=eng.model, slots=slots, initial=initial, plan=plan,
+            scores = layer_gradient_norms(model=eng.model, slots=slots, initial=eng.initial_for(ranks, seed),
+                                          plan=plan,
                                           examples=eng.client_train[plan.client_id], loss_fn=task.loss,
                                           groups=eng.spec.layer_groups, num_examples=cfg.pilot.ig_examples,
                                           batch_size=cfg.train.batch_size, round_idx=t, seed=cfg.seed)
@@ -628,8 +682,14 @@ def _collect_updates(t, plans, eng: Engine, prepared, accountant, progress, meth
             update = Update(plan.client_id, len(eng.client_train[plan.client_id]), {},
                             {"loss": float("nan"), "skipped": 1.0})  # nothing fits its budget: it sits out
         else:
+            # the client's starting point goes into the slots here, and neither it nor the download is held
+            # while it trains (a rank-56 SmolLM2 adapter is 68 MB)
+            slots.load(eng.initial_for(ranks, seed).with_tensors(plan.download))
+            if cfg.robust.norm_bound > 0:
+                reference = plan.uploaded(slots.read())
+            plan = dataclasses.replace(plan, download={})
             rss_before = _peak_reset() if plan.modules is not None else None
-            update = train_client(model=eng.model, slots=slots, initial=initial, plan=plan,
+            update = train_client(model=eng.model, slots=slots, initial=None, plan=plan,
                                   examples=eng.client_train[plan.client_id], loss_fn=task.loss, train_cfg=cfg.train,
                                   round_idx=t, seed=cfg.seed, privacy=prepared.privacy.get(plan.client_id),
                                   accountant=accountant, secure_rng=cfg.dp.secure_rng)
@@ -637,13 +697,16 @@ def _collect_updates(t, plans, eng: Engine, prepared, accountant, progress, meth
                 report["memory_measured_mb"] = (_peak_rss() - rss_before) / 1e6
         update.report.update(report)
         blob = wire.encode(update.tensors)
+        update = dataclasses.replace(update, tensors={})  # from here on the server sees only the bytes
         out.up_bytes += len(blob)
-        received, reason = _receive(blob, plan, initial, cfg)
+        received, reason = _receive(blob, plan, template, cfg)
+        del blob
         if reason is not None:
             out.dropped[plan.client_id] = reason
             continue
         if cfg.robust.norm_bound > 0:
-            reference = plan.uploaded(initial.with_tensors(plan.download))
+            if reference is None:
+                reference = plan.uploaded(eng.initial_for(ranks, seed).with_tensors(plan.download))
             received, out.norms[plan.client_id] = bound_norm(received, reference, cfg.robust.norm_bound)
         if stream is not None:
             method.accumulate(stream, Update(update.client_id, update.num_examples, received, update.metrics))
@@ -652,6 +715,8 @@ def _collect_updates(t, plans, eng: Engine, prepared, accountant, progress, meth
         if update.report:
             out.reports[plan.client_id] = update.report
         bar.set_postfix(loss=f"{update.metrics['loss']:.3f}")
+        del update, received
+        release_freed_memory()
         fault_point("train", t)
     bar.close()
     return out

@@ -57,20 +57,27 @@ class FlexLoRA(Method):
     averages_tensors = False
 
     def init_state(self, initial: Adapter) -> ServerState:
-        return ServerState(initial.clone(), {"aggregated": False})
+        """Before the first aggregation the global ΔW is zero: kept as a rank-1 adapter with ``B = A = 0`` (clients
+        start from their own fresh initialisation in round 1), not as a full adapter at the largest ranks."""
+        zero = {n: LoraModule(m.A.new_zeros(1, m.A.shape[1]), m.B.new_zeros(m.B.shape[0], 1), 1.0)
+                for n, m in initial.modules.items()}
+        return ServerState(Adapter(zero, {k: v.clone() for k, v in initial.head.items()}), {"aggregated": False})
 
     def configure(self, round_idx: int, state: ServerState, client_ids: list[int]) -> list[ClientPlan]:
         roles = frozenset({ROLE_A, ROLE_B}) | self.head_roles()
         head = state.adapter.to_flat(self.head_roles())
-        plans = []
+        plans, downloads = [], {}
         for cid in client_ids:
             ranks = self.spec.client_ranks[cid]
-            download = dict(head)
-            if state.extra.get("aggregated"):
-                for name, module in state.adapter.modules.items():
-                    B, A = redistribute(module, ranks[name], self.spec.alpha, self.cfg.flexlora.svd_split)
-                    download[name + B_SUFFIX], download[name + A_SUFFIX] = B, A
-            plans.append(ClientPlan(cid, download, train=roles, upload=roles, ranks=ranks))
+            key = tuple(sorted(ranks.items()))
+            if key not in downloads:  # one download per rank configuration, shared by the clients that have it
+                download = dict(head)
+                if state.extra.get("aggregated"):
+                    for name, module in state.adapter.modules.items():
+                        B, A = redistribute(module, ranks[name], self.spec.alpha, self.cfg.flexlora.svd_split)
+                        download[name + B_SUFFIX], download[name + A_SUFFIX] = B, A
+                downloads[key] = download
+            plans.append(ClientPlan(cid, downloads[key], train=roles, upload=roles, ranks=ranks))
         return plans
 
     # ---- streaming aggregation: the engine feeds updates one by one and keeps none of their tensors

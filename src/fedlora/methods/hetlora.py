@@ -80,14 +80,18 @@ class HetLoRA(Method):
         roles = frozenset({ROLE_A, ROLE_B}) | self.head_roles()
         head = state.adapter.to_flat(self.head_roles())
         h = self.cfg.hetlora
-        plans = []
+        plans, downloads = [], {}
         for cid in client_ids:
             ranks = self.client_ranks(state, cid)
-            download = dict(head)
-            if state.extra.get("aggregated"):
-                for name, module in state.adapter.modules.items():
-                    B, A = distribute(module, ranks[name], self.spec.alpha)
-                    download[name + B_SUFFIX], download[name + A_SUFFIX] = B, A
+            key = tuple(sorted(ranks.items()))
+            if key not in downloads:  # one download per rank configuration, shared by the clients that have it
+                download = dict(head)
+                if state.extra.get("aggregated"):
+                    for name, module in state.adapter.modules.items():
+                        B, A = distribute(module, ranks[name], self.spec.alpha)
+                        download[name + B_SUFFIX], download[name + A_SUFFIX] = B, A
+                downloads[key] = download
+            download = downloads[key]
             config = {"rank_penalty": h.penalty, "rank_gamma": h.gamma, "rank_prune": h.prune}
             plans.append(ClientPlan(cid, download, train=roles, upload=roles, config=config, ranks=ranks))
         return plans
