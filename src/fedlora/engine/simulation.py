@@ -649,7 +649,6 @@ def _collect_updates(t, plans, eng: Engine, prepared, accountant, progress, meth
     With a ``stream`` (methods that aggregate incrementally) each accepted upload goes straight into the method's
     accumulator and its tensors are not kept: server memory does not grow with the number of sampled clients."""
     cfg = prepared.cfg
-    task = prepared.task
     out = RoundUpdates()
     bar = tqdm(plans, desc=f"round {t}/{cfg.rounds}", unit="client", disable=not progress, leave=False,
                file=sys.stderr)
@@ -658,68 +657,84 @@ def _collect_updates(t, plans, eng: Engine, prepared, accountant, progress, meth
         out.down_bytes += len(payload)
         if plan.merge:
             out.down_bytes += len(wire.encode(plan.merge))
-        plan = dataclasses.replace(plan, download=wire.decode(payload))
+        sent = dataclasses.replace(plan, download=wire.decode(payload))
         del payload
-        reference = None
-        ranks = plan.ranks or eng.spec.client_ranks[plan.client_id]
-        slots = eng.pool.slots(ranks)
-        seed = plan.config.get("init_seed")
-        template = eng.template_for(ranks)  # shapes and dtypes only: what the server checks an upload against
-        report: dict = {}
-        if plan.config.get("select") == "pilot":  # client side: IG-Score on local data, then its own knapsack
-            scores = layer_gradient_norms(model=eng.model, slots=slots, initial=eng.initial_for(ranks, seed),
-                                          plan=plan,
-                                          examples=eng.client_train[plan.client_id], loss_fn=task.loss,
-                                          groups=eng.spec.layer_groups, num_examples=cfg.pilot.ig_examples,
-                                          batch_size=cfg.train.batch_size, round_idx=t, seed=cfg.seed)
-            layers, report = method.select(plan, scores)
-            report["ig_gradient_norms"] = scores
-            plan = dataclasses.replace(plan, modules=modules_of(layers, eng.spec.layer_groups))
-        if plan.modules is not None:
-            report["layers"] = sorted({block_index(m) for m in plan.modules})
-            report["memory_predicted_mb"] = eng.spec.memory.predict(report["layers"]) / 1e6
-        if plan.modules is not None and not plan.modules and not (plan.train & {"head"}):
-            update = Update(plan.client_id, len(eng.client_train[plan.client_id]), {},
-                            {"loss": float("nan"), "skipped": 1.0})  # nothing fits its budget: it sits out
-        else:
-            # the client's starting point goes into the slots here, and neither it nor the download is held
-            # while it trains (a rank-56 SmolLM2 adapter is 68 MB)
-            slots.load(eng.initial_for(ranks, seed).with_tensors(plan.download))
-            if cfg.robust.norm_bound > 0:
-                reference = plan.uploaded(slots.read())
-            plan = dataclasses.replace(plan, download={})
-            rss_before = _peak_reset() if plan.modules is not None else None
-            update = train_client(model=eng.model, slots=slots, initial=None, plan=plan,
-                                  examples=eng.client_train[plan.client_id], loss_fn=task.loss, train_cfg=cfg.train,
-                                  round_idx=t, seed=cfg.seed, privacy=prepared.privacy.get(plan.client_id),
-                                  accountant=accountant, secure_rng=cfg.dp.secure_rng)
-            if rss_before is not None:
-                report["memory_measured_mb"] = (_peak_rss() - rss_before) / 1e6
-        update.report.update(report)
-        blob = wire.encode(update.tensors)
-        update = dataclasses.replace(update, tensors={})  # from here on the server sees only the bytes
-        out.up_bytes += len(blob)
-        received, reason = _receive(blob, plan, template, cfg)
+        blob, update = client_work(eng, sent, t, method)
+        del sent
+        receive_upload(eng, plan, blob, update, out, accountant, method, stream)
         del blob
-        if reason is not None:
-            out.dropped[plan.client_id] = reason
-            continue
-        if cfg.robust.norm_bound > 0:
-            if reference is None:
-                reference = plan.uploaded(eng.initial_for(ranks, seed).with_tensors(plan.download))
-            received, out.norms[plan.client_id] = bound_norm(received, reference, cfg.robust.norm_bound)
-        if stream is not None:
-            method.accumulate(stream, Update(update.client_id, update.num_examples, received, update.metrics))
-            received = {}
-        out.updates.append(Update(update.client_id, update.num_examples, received, update.metrics, update.report))
-        if update.report:
-            out.reports[plan.client_id] = update.report
         bar.set_postfix(loss=f"{update.metrics['loss']:.3f}")
-        del update, received
         release_freed_memory()
         fault_point("train", t)
     bar.close()
     return out
+
+
+def client_work(eng: Engine, plan, t: int, method=None) -> tuple[bytes, Update]:
+    """A client's side of round ``t``, the same in every engine: (Fed-piLot: IG-Score and its own knapsack), start
+    from the initial adapter with the plan's download in place, train locally (DP-SGD when the client has a privacy
+    plan), and encode the upload.  Returns the upload's bytes and the update without tensors."""
+    cfg, task = eng.prepared.cfg, eng.prepared.task
+    ranks = plan.ranks or eng.spec.client_ranks[plan.client_id]
+    slots = eng.pool.slots(ranks)
+    seed = plan.config.get("init_seed")
+    report: dict = {}
+    if plan.config.get("select") == "pilot":  # client side: IG-Score on local data, then its own knapsack
+        scores = layer_gradient_norms(model=eng.model, slots=slots, initial=eng.initial_for(ranks, seed), plan=plan,
+                                      examples=eng.client_train[plan.client_id], loss_fn=task.loss,
+                                      groups=eng.spec.layer_groups, num_examples=cfg.pilot.ig_examples,
+                                      batch_size=cfg.train.batch_size, round_idx=t, seed=cfg.seed)
+        layers, report = method.select(plan, scores)
+        report["ig_gradient_norms"] = scores
+        plan = dataclasses.replace(plan, modules=modules_of(layers, eng.spec.layer_groups))
+    if plan.modules is not None:
+        report["layers"] = sorted({block_index(m) for m in plan.modules})
+        report["memory_predicted_mb"] = eng.spec.memory.predict(report["layers"]) / 1e6
+    if plan.modules is not None and not plan.modules and not (plan.train & {"head"}):
+        update = Update(plan.client_id, len(eng.client_train[plan.client_id]), {},
+                        {"loss": float("nan"), "skipped": 1.0, "steps": 0.0})  # nothing fits its budget: sits out
+    else:
+        # the client's starting point goes into the slots here, and neither it nor the download is held while it
+        # trains (a rank-56 SmolLM2 adapter is 68 MB)
+        slots.load(eng.initial_for(ranks, seed).with_tensors(plan.download))
+        plan = dataclasses.replace(plan, download={})
+        rss_before = _peak_reset() if plan.modules is not None else None
+        update = train_client(model=eng.model, slots=slots, initial=None, plan=plan,
+                              examples=eng.client_train[plan.client_id], loss_fn=task.loss, train_cfg=cfg.train,
+                              round_idx=t, seed=cfg.seed, privacy=eng.prepared.privacy.get(plan.client_id),
+                              accountant=None, secure_rng=cfg.dp.secure_rng)
+        if rss_before is not None:
+            report["memory_measured_mb"] = (_peak_rss() - rss_before) / 1e6
+    update.report.update(report)
+    blob = wire.encode(update.tensors)
+    return blob, dataclasses.replace(update, tensors={})  # from here on only the bytes travel
+
+
+def receive_upload(eng: Engine, plan, blob: bytes, update: Update, out: RoundUpdates, accountant,
+                   method=None, stream=None) -> None:
+    """The server's side of one client's round: account its DP-SGD steps, check the upload (a bad one is dropped
+    with its reason), bound its norm if configured, and fold it into the method's accumulator or keep it."""
+    cfg = eng.prepared.cfg
+    out.up_bytes += len(blob)
+    privacy = eng.prepared.privacy.get(plan.client_id)
+    if privacy is not None and update.metrics.get("steps"):
+        accountant.step(plan.client_id, privacy.noise_multiplier, privacy.sample_rate, int(update.metrics["steps"]))
+    ranks = plan.ranks or eng.spec.client_ranks[plan.client_id]
+    if update.report.get("layers") is not None and plan.modules is None:  # the client chose its layers
+        plan = dataclasses.replace(plan, modules=modules_of(update.report["layers"], eng.spec.layer_groups))
+    received, reason = _receive(blob, plan, eng.template_for(ranks), cfg)
+    if reason is not None:
+        out.dropped[plan.client_id] = reason
+        return
+    if cfg.robust.norm_bound > 0:
+        start = eng.initial_for(ranks, plan.config.get("init_seed")).with_tensors(plan.download)
+        received, out.norms[plan.client_id] = bound_norm(received, plan.uploaded(start), cfg.robust.norm_bound)
+    if stream is not None:
+        method.accumulate(stream, Update(update.client_id, update.num_examples, received, update.metrics))
+        received = {}
+    out.updates.append(Update(update.client_id, update.num_examples, received, update.metrics, update.report))
+    if update.report:
+        out.reports[plan.client_id] = update.report
 
 
 def _receive(blob: bytes, plan, initial: Adapter, cfg) -> tuple[dict, str | None]:
