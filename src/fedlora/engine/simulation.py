@@ -416,8 +416,12 @@ def _write_clients_file(run_dir: Path, prepared: Prepared, spec: FederationSpec)
 
 
 def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, progress: bool = True,
-                   log=print, resume: bool = False) -> RunResult:
-    """Run (or, with ``resume=True``, continue from ``out_dir``'s last checkpoint) an experiment."""
+                   log=print, resume: bool = False, collect=None) -> RunResult:
+    """Run (or, with ``resume=True``, continue from ``out_dir``'s last checkpoint) an experiment.
+
+    ``collect(t, plans, engine, prepared, accountant, progress, method, stream) -> RoundUpdates`` runs the clients
+    of a round; the default trains them in this process, the Flower engine sends them to SuperNodes."""
+    collect = collect or _collect_updates
     t_start = time.time()
     if cfg.model.threads:
         torch.set_num_threads(cfg.model.threads)
@@ -466,7 +470,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, pro
         plans = method.configure(t, state, sampled)
         eng.base.set(method.base_delta(state))  # FLoRA: every client's base holds the merged updates so far
         stream = method.begin(t, state, plans) if hasattr(method, "accumulate") else None
-        received = _collect_updates(t, plans, eng, prepared, accountant, progress, method, stream)
+        received = collect(t, plans, eng, prepared, accountant, progress, method, stream)
         state = method.finish(t, state, stream) if stream is not None else method.aggregate(t, state, received.updates)
         train_roles = plans[0].train if plans else train_roles
         stream = plans = None  # the round's downloads are not kept past it
@@ -622,6 +626,7 @@ class RoundUpdates:
     up_bytes: int = 0
     down_bytes: int = 0
     reports: dict[int, dict] = field(default_factory=dict)
+    missing: dict[int, str] = field(default_factory=dict)  # sampled clients whose reply never came (Flower)
 
 
 def _peak_reset() -> int:
@@ -757,6 +762,8 @@ def _round_row(t, received: RoundUpdates, prepared, accountant, cfg) -> dict:
            "rejected": len(received.dropped)}
     if received.dropped:
         row["dropped"] = received.dropped
+    if received.missing:
+        row["missing"] = received.missing
     if received.norms:
         row["update_norm"] = received.norms
     for key in ("layers", "memory_predicted_mb", "memory_measured_mb"):

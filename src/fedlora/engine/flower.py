@@ -1,0 +1,281 @@
+"""The Flower engine: the same experiment on a Flower federation (the simulation runtime, or a SuperLink and
+SuperNodes over gRPC/TLS).
+
+The ServerApp runs :func:`fedlora.engine.simulation.run_experiment` unchanged — plans, aggregation, evaluation,
+checkpoints, metrics, plots and the PEFT export are the in-process engine's — except that a round's clients are
+trained by SuperNodes: :class:`FlowerRound` sends each sampled client's plan to the node that holds its partition
+and feeds the replies, in plan order, to the same server-side checks.  The ClientApp runs the in-process engine's
+client half (:func:`fedlora.engine.simulation.client_work`) on a base model it loads once per process.
+
+On the wire there are tensors and text only: a plan's tensors and an upload travel as safetensors bytes (one
+``Array`` with ``stype="safetensors"``, bf16 where the config says so, counted exactly as the in-process engine
+counts them), and the plan's other fields and the experiment config as JSON/TOML strings.  Nothing is unpickled.
+
+Run config keys (``[tool.flwr.app.config]`` in pyproject.toml, overridable with ``flwr run --run-config``):
+
+- ``config``: the experiment TOML (absolute, or relative to the working directory or to the app directory);
+- ``overrides``: ``--set``-style ``key=value`` overrides separated by ``;``;
+- ``out-dir``: the run directory (default ``runs/flower-<time>`` under the ServerApp's working directory);
+- ``min-replies``: the fewest replies a round aggregates (0 = every sampled client must answer, as in simulation);
+- ``round-timeout``: seconds a round waits for replies (0 = no limit);
+- ``node-wait``: seconds to wait for the SuperNodes holding the sampled partitions to connect.
+
+Each SuperNode says which client it is with ``--node-config "partition-id=K num-partitions=N"``; ``N`` must be the
+experiment's number of clients.  ``data-dir=/path`` rebases the config's relative data paths on that machine.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+
+from fedlora import wire
+from fedlora.config import ExperimentConfig, from_toml, load_config, to_toml
+from fedlora.errors import ConfigError
+from fedlora.methods.base import ClientPlan, Update
+
+UNSUPPORTED = {"flora": "FLoRA merges every round's stack into each client's base weights, which needs per-client "
+                        "state across rounds; run it with the in-process engine (`fedlora run`)"}
+
+
+# ---------------------------------------------------------------------------------------------------- messages
+def plan_to_text(plan: ClientPlan) -> str:
+    """The non-tensor fields of a plan as JSON."""
+    return json.dumps({"client_id": plan.client_id, "train": sorted(plan.train), "upload": sorted(plan.upload),
+                       "config": plan.config, "ranks": plan.ranks,
+                       "modules": sorted(plan.modules) if plan.modules is not None else None})
+
+
+def plan_from_text(text: str, download: dict) -> ClientPlan:
+    d = json.loads(text)
+    return ClientPlan(int(d["client_id"]), download, frozenset(d["train"]), frozenset(d["upload"]),
+                      dict(d["config"]), {k: int(v) for k, v in d["ranks"].items()},
+                      modules=frozenset(d["modules"]) if d["modules"] is not None else None)
+
+
+def update_to_text(update: Update) -> str:
+    return json.dumps({"client_id": update.client_id, "num_examples": update.num_examples,
+                       "metrics": update.metrics, "report": update.report}, allow_nan=True)
+
+
+def update_from_text(text: str) -> Update:
+    d = json.loads(text)
+    report = {k: ({int(i): v for i, v in val.items()} if isinstance(val, dict) else val)
+              for k, val in d["report"].items()}
+    return Update(int(d["client_id"]), int(d["num_examples"]), {}, dict(d["metrics"]), report)
+
+
+def _bytes_array(blob: bytes):
+    from flwr.app import Array
+
+    return Array(dtype="uint8", shape=(len(blob),), stype="safetensors", data=blob)
+
+
+def resolve_config(run_config: dict) -> ExperimentConfig:
+    """The experiment config named by a Flower run config (see the module docstring)."""
+    name = str(run_config.get("config", "")).strip()
+    overrides = [o.strip() for o in str(run_config.get("overrides", "")).split(";") if o.strip()]
+    if not name:
+        return load_config(None, overrides)
+    path = Path(name).expanduser()
+    if not path.is_absolute() and not path.is_file():
+        for root in [Path.cwd(), *map(Path, sys.path)]:  # the app directory is on sys.path in a Flower app process
+            if (root / name).is_file():
+                path = root / name
+                break
+    if not path.is_file():
+        raise ConfigError(f"run config 'config' = {name!r}: no such file (relative paths are looked up in the "
+                          f"working directory and the app directory)")
+    return load_config(path, overrides)
+
+
+# ---------------------------------------------------------------------------------------------------- server
+class FlowerRound:
+    """``collect`` for :func:`run_experiment`: one round's clients trained by the SuperNodes holding them."""
+
+    def __init__(self, grid, cfg: ExperimentConfig, min_replies: int = 0, round_timeout: float = 0.0,
+                 node_wait: float = 120.0, log=print):
+        self.grid, self.cfg, self.log = grid, cfg, log
+        self.min_replies, self.round_timeout, self.node_wait = min_replies, round_timeout, node_wait
+        self.nodes: dict[int, int] = {}  # partition id → node id
+        self.config_text = to_toml(cfg)
+
+    def _discover(self, wanted: set[int], num_clients: int) -> None:
+        """Ask every connected node which partition it holds, until the wanted ones are known (or time is up)."""
+        from flwr.app import ConfigRecord, Message, RecordDict
+
+        deadline = time.time() + self.node_wait
+        asked: set[int] = set(self.nodes.values())
+        while True:
+            fresh = [n for n in self.grid.get_node_ids() if n not in asked]
+            if fresh:
+                msgs = [Message(RecordDict({"ask": ConfigRecord({"what": "partition"})}), dst_node_id=n,
+                                message_type="query") for n in fresh]
+                for reply in self.grid.send_and_receive(msgs, timeout=30):
+                    if reply.has_error():
+                        continue
+                    rec = reply.content["partition"]
+                    pid, total = int(rec["partition-id"]), int(rec["num-partitions"])
+                    if total != num_clients:
+                        raise ConfigError(f"node {reply.metadata.src_node_id} says num-partitions={total}, but the "
+                                          f"experiment has {num_clients} clients")
+                    self.nodes[pid] = reply.metadata.src_node_id
+                    asked.add(reply.metadata.src_node_id)
+            if wanted <= set(self.nodes) or time.time() > deadline:
+                return
+            time.sleep(0.5)
+
+    def __call__(self, t, plans, eng, prepared, accountant, progress, method=None, stream=None):
+        from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+        from fedlora.engine.simulation import RoundUpdates, receive_upload
+
+        out = RoundUpdates()
+        wanted = {p.client_id for p in plans}
+        self._discover(wanted, len(prepared.clients))
+        messages, sent = [], {}
+        for plan in plans:
+            payload = wire.encode(plan.download)
+            out.down_bytes += len(payload)
+            node = self.nodes.get(plan.client_id)
+            if node is None:
+                out.missing[plan.client_id] = "no SuperNode holds this partition"
+                continue
+            content = RecordDict({"download": ArrayRecord({"tensors": _bytes_array(payload)}),
+                                  "plan": ConfigRecord({"json": plan_to_text(plan), "round": t,
+                                                        "config": self.config_text})})
+            msg = Message(content, dst_node_id=node, message_type="train", group_id=str(t))
+            messages.append(msg)
+            sent[node] = plan
+        replies = {}
+        if messages:
+            timeout = self.round_timeout or None
+            for reply in self.grid.send_and_receive(messages, timeout=timeout):
+                plan = sent.get(reply.metadata.src_node_id)
+                if plan is None:
+                    continue
+                if reply.has_error():
+                    out.missing[plan.client_id] = f"client error: {reply.error.reason}"
+                    continue
+                try:
+                    blob = reply.content["upload"]["tensors"].data
+                    update = update_from_text(reply.content["update"]["json"])
+                except (KeyError, ValueError, TypeError, AttributeError) as exc:
+                    out.dropped[plan.client_id] = f"malformed reply: {type(exc).__name__}: {exc}"
+                    continue
+                if update.client_id != plan.client_id:
+                    out.dropped[plan.client_id] = f"reply claims client {update.client_id}"
+                    continue
+                replies[plan.client_id] = (blob, update)
+        for plan in plans:
+            if plan.client_id not in replies and plan.client_id not in out.missing | out.dropped:
+                out.missing[plan.client_id] = "no reply before the round's timeout"
+        needed = self.min_replies or len(plans)
+        if len(replies) < needed:
+            self.log(f"round {t}: {len(replies)} replies < {needed} needed; the global model is unchanged")
+            for cid in replies:
+                out.missing.setdefault(cid, "round not aggregated: too few replies")
+            return out
+        for plan in plans:  # plan order: aggregation is then the same floating-point sum as in simulation
+            if plan.client_id in replies:
+                blob, update = replies.pop(plan.client_id)
+                receive_upload(eng, plan, blob, update, out, accountant, method, stream)
+        return out
+
+
+def run_on_grid(grid, run_config: dict, log=print):
+    """The ServerApp's body: resolve the config, then run the experiment with :class:`FlowerRound`."""
+    from fedlora.engine.simulation import run_experiment
+
+    cfg = resolve_config(run_config)
+    if cfg.method in UNSUPPORTED:
+        raise ConfigError(f"method {cfg.method!r} is not available on the Flower engine: {UNSUPPORTED[cfg.method]}")
+    out_dir = str(run_config.get("out-dir", "")).strip() or f"runs/flower-{datetime.now():%Y%m%d-%H%M%S}"
+    collect = FlowerRound(grid, cfg, min_replies=int(run_config.get("min-replies", 0)),
+                          round_timeout=float(run_config.get("round-timeout", 0)),
+                          node_wait=float(run_config.get("node-wait", 120)), log=log)
+    log(f"fedlora on Flower: {cfg.method}, {cfg.rounds} rounds -> {Path(out_dir).resolve()}")
+    return run_experiment(cfg, out_dir=out_dir, progress=False, log=log, collect=collect,
+                          resume=bool(run_config.get("resume", False)))
+
+
+# ---------------------------------------------------------------------------------------------------- client
+_ENGINES: dict = {}  # config text → (engine, method): the base model is loaded once per process
+
+
+def _engine(config_text: str, data_dir: str | None):
+    key = (config_text, data_dir)
+    if key not in _ENGINES:
+        from fedlora.engine.simulation import build_engine, prepare
+        from fedlora.methods import get_method
+
+        cfg = from_toml(config_text, where="the server's config")
+        if cfg.model.threads:  # the same thread count as the server's engine gives bit-identical local training
+            import torch
+
+            torch.set_num_threads(cfg.model.threads)
+        if data_dir:
+            cfg = _rebase_data(cfg, Path(data_dir))
+        _ENGINES.clear()
+        eng = build_engine(prepare(cfg), log=lambda *_: None)
+        _ENGINES[key] = (eng, get_method(cfg.method)(cfg, eng.spec))
+    return _ENGINES[key]
+
+
+def _rebase_data(cfg: ExperimentConfig, root: Path) -> ExperimentConfig:
+    data = cfg.data
+    changes = {}
+    for name in ("train", "validation", "instructions"):
+        value = getattr(data, name, "")
+        if value and "://" not in value and not value.startswith(("bundled:", "hf:")) and not Path(value).is_absolute():
+            changes[name] = str(root / value)
+    return dataclasses.replace(cfg, data=dataclasses.replace(data, **changes)) if changes else cfg
+
+
+def client_train(msg, context):
+    """The ClientApp's train handler: this node's client runs its local work for the plan in ``msg``."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+    from fedlora.engine.simulation import client_work
+
+    rec = msg.content["plan"]
+    eng, method = _engine(str(rec["config"]), context.node_config.get("data-dir"))
+    download = wire.decode(msg.content["download"]["tensors"].data)
+    plan = plan_from_text(str(rec["json"]), download)
+    partition = int(context.node_config.get("partition-id", -1))
+    if plan.client_id != partition:
+        raise ValueError(f"this node holds partition {partition}, the plan is for client {plan.client_id}")
+    blob, update = client_work(eng, plan, int(rec["round"]), method)
+    return Message(RecordDict({"upload": ArrayRecord({"tensors": _bytes_array(blob)}),
+                               "update": ConfigRecord({"json": update_to_text(update)})}), reply_to=msg)
+
+
+def client_query(msg, context):
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    cfg = context.node_config
+    return Message(RecordDict({"partition": ConfigRecord({"partition-id": int(cfg.get("partition-id", -1)),
+                                                          "num-partitions": int(cfg.get("num-partitions", 0))})}),
+                   reply_to=msg)
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def _server_main(grid, context) -> None:
+    run_on_grid(grid, dict(context.run_config))
+
+
+client_app = ClientApp()
+client_app.train()(client_train)
+client_app.query()(client_query)
