@@ -112,3 +112,54 @@ def test_a_failing_supernode_does_not_stop_the_run(tmp_path):
     assert (tmp_path / "flower/adapter/adapter_model.safetensors").is_file()
     final = load_file(str(tmp_path / "flower/adapter/adapter_model.safetensors"))
     assert all(torch.isfinite(v).all() for v in final.values())
+
+
+# ---------------------------------------------------------------------------------------------------- deployment
+def _deploy(tmp_path, tls: bool, overrides: list[str], extra: dict | None = None, on_line=None, nodes: int = 3):
+    from fedlora.engine.loopback import LoopbackFederation
+
+    fed = LoopbackFederation(nodes, tmp_path / "federation", tls=tls)
+    with fed:
+        run_config = {"config": TINY, "overrides": ";".join(overrides), "out-dir": str(tmp_path / "flower"),
+                      **(extra or {})}
+        res = fed.run(ROOT, run_config, timeout=600, on_line=(lambda line: on_line(fed, line)) if on_line else None)
+        pids = [p.pid for p in fed.procs.values()]
+    for pid in pids:  # every process the federation started is gone (zombies aside)
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    return res, fed
+
+
+@pytest.mark.deployment
+@pytest.mark.parametrize("tls", [False, True], ids=["insecure", "tls"])
+def test_loopback_deployment_gives_the_in_process_adapter(tmp_path, tls):
+    """A real SuperLink and three SuperNodes (flower-superlink / flower-supernode on 127.0.0.1, TLS with
+    certificates made here), two rounds of FFA-LoRA: the same final adapter as the in-process engine."""
+    overrides = BASE + ["method=ffa"]
+    run_experiment(load_config(TINY, overrides), out_dir=tmp_path / "inproc", progress=False, log=lambda *_: None)
+    res, fed = _deploy(tmp_path, tls, overrides)
+    assert res.returncode == 0, res.stdout[-3000:]
+    ours = load_file(str(tmp_path / "inproc/adapter/adapter_model.safetensors"))
+    theirs = load_file(str(tmp_path / "flower/adapter/adapter_model.safetensors"))
+    assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) <= 1e-6
+    log = (fed.workdir / "superlink.log").read_text()
+    assert ("https://127.0.0.1" in log) == tls  # the SuperLink served TLS only when asked to
+    if tls:
+        assert "BEGIN CERTIFICATE" in fed.certs["ca"].read_text()
+
+
+@pytest.mark.deployment
+def test_a_supernode_killed_during_a_round_does_not_stop_the_run(tmp_path):
+    killed = []
+
+    def kill_after_round_one(fed, line):
+        if "round   1/2" in line and not killed:
+            fed.stop_node(2)  # SIGKILL while round 2 is being sent out
+            killed.append(True)
+
+    res, _ = _deploy(tmp_path, False, BASE + ["method=ffa"], {"min-replies": 2, "round-timeout": 90},
+                     on_line=kill_after_round_one)
+    assert killed and res.returncode == 0, res.stdout[-3000:]
+    rows = _rows(tmp_path / "flower")
+    assert [r["clients"] for r in rows] == [3, 2]
+    assert list(rows[1]["missing"]) == ["2"]
+    assert (tmp_path / "flower/adapter/adapter_model.safetensors").is_file()
