@@ -36,10 +36,11 @@ from pathlib import Path
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
-from fedlora import wire
 from fedlora.config import ExperimentConfig, from_toml, load_config, to_toml
 from fedlora.errors import ConfigError
-from fedlora.methods.base import ClientPlan, Update
+
+# torch, transformers and the engine are imported inside the functions that need them: a deployment's ClientApp
+# process (one per message) then only relays to the node's long-lived worker (fedlora.engine.flower_worker)
 
 UNSUPPORTED = {"flora": "FLoRA merges every round's stack into each client's base weights, which needs per-client "
                         "state across rounds; run it with the in-process engine (`fedlora run`)"}
@@ -54,6 +55,8 @@ def plan_to_text(plan: ClientPlan) -> str:
 
 
 def plan_from_text(text: str, download: dict) -> ClientPlan:
+    from fedlora.methods.base import ClientPlan
+
     d = json.loads(text)
     return ClientPlan(int(d["client_id"]), download, frozenset(d["train"]), frozenset(d["upload"]),
                       dict(d["config"]), {k: int(v) for k, v in d["ranks"].items()},
@@ -66,6 +69,8 @@ def update_to_text(update: Update) -> str:
 
 
 def update_from_text(text: str) -> Update:
+    from fedlora.methods.base import Update
+
     d = json.loads(text)
     report = {k: ({int(i): v for i, v in val.items()} if isinstance(val, dict) else val)
               for k, val in d["report"].items()}
@@ -135,6 +140,7 @@ class FlowerRound:
     def __call__(self, t, plans, eng, prepared, accountant, progress, method=None, stream=None):
         from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
+        from fedlora import wire
         from fedlora.engine.simulation import RoundUpdates, receive_upload
 
         out = RoundUpdates()
@@ -239,22 +245,47 @@ def _rebase_data(cfg: ExperimentConfig, root: Path) -> ExperimentConfig:
     return dataclasses.replace(cfg, data=dataclasses.replace(data, **changes)) if changes else cfg
 
 
-def client_train(msg, context):
-    """The ClientApp's train handler: this node's client runs its local work for the plan in ``msg``."""
-    from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
-
+def local_round(config_text: str, data_dir: str | None, plan_text: str, round_idx: int, download: bytes,
+                partition: int) -> tuple[bytes, str]:
+    """A client's round from wire form to wire form: (upload bytes, update JSON).  Runs in the ClientApp process
+    (simulation runtime: a long-lived Ray actor) or in the node's worker (deployment)."""
+    from fedlora import wire
     from fedlora.engine.simulation import client_work
 
-    rec = msg.content["plan"]
-    eng, method = _engine(str(rec["config"]), context.node_config.get("data-dir"))
-    download = wire.decode(msg.content["download"]["tensors"].data)
-    plan = plan_from_text(str(rec["json"]), download)
-    partition = int(context.node_config.get("partition-id", -1))
+    eng, method = _engine(config_text, data_dir)
+    plan = plan_from_text(plan_text, wire.decode(download))
     if plan.client_id != partition:
         raise ValueError(f"this node holds partition {partition}, the plan is for client {plan.client_id}")
-    blob, update = client_work(eng, plan, int(rec["round"]), method)
+    blob, update = client_work(eng, plan, round_idx, method)
+    return blob, update_to_text(update)
+
+
+def client_train(msg, context):
+    """The ClientApp's train handler: this node's client runs its local work for the plan in ``msg`` — here when
+    the process lives on (Flower's simulation runtime), else in the node's long-lived worker process, so that a
+    deployment loads the base model once per node rather than once per message."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+    rec = msg.content["plan"]
+    args = (str(rec["config"]), context.node_config.get("data-dir"), str(rec["json"]), int(rec["round"]),
+            msg.content["download"]["tensors"].data, int(context.node_config.get("partition-id", -1)))
+    if _short_lived_process(context):
+        from fedlora.engine.flower_worker import call_worker
+
+        blob, update_text = call_worker(context.node_id, *args)
+    else:
+        blob, update_text = local_round(*args)
     return Message(RecordDict({"upload": ArrayRecord({"tensors": _bytes_array(blob)}),
-                               "update": ConfigRecord({"json": update_to_text(update)})}), reply_to=msg)
+                               "update": ConfigRecord({"json": update_text})}), reply_to=msg)
+
+
+def _short_lived_process(context) -> bool:
+    """True in a deployment's per-message ``flwr-clientapp`` process (the node config can force either way with
+    ``worker=true|false``)."""
+    forced = str(context.node_config.get("worker", "")).lower()
+    if forced in ("true", "1", "false", "0"):
+        return forced in ("true", "1")
+    return Path(sys.argv[0]).name == "flwr-clientapp"
 
 
 def client_query(msg, context):

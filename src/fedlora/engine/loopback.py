@@ -86,7 +86,11 @@ class LoopbackFederation:
         self.node_config = node_config or {}
         self.procs: dict[str, subprocess.Popen] = {}
         self.bin = Path(sys.executable).parent
+        import tempfile
+
+        self.worker_dir = Path(tempfile.mkdtemp(prefix="fedlora-"))  # short: AF_UNIX socket paths are limited
         self.env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.workdir / "flwr_home"),
+                    "FEDLORA_WORKER_DIR": str(self.worker_dir),
                     "PATH": f"{self.bin}{os.pathsep}{os.environ.get('PATH', '')}"}
         self.port = free_port()
         self.certs: dict[str, Path] = {}
@@ -137,6 +141,11 @@ class LoopbackFederation:
         for name in sorted(self.procs, key=lambda n: n == "superlink"):  # the nodes first, then the link
             _kill_group(self.procs[name], signal.SIGTERM)
         self.procs.clear()
+        import shutil
+
+        for log in self.worker_dir.glob("*.log"):  # the nodes' worker logs are kept with the federation's logs
+            shutil.copy(log, self.workdir / log.name)
+        shutil.rmtree(self.worker_dir, ignore_errors=True)
 
     # -------------------------------------------------------------------------------------------- runs
     def run(self, app_dir: Path, run_config: dict, timeout: float = 900, on_line=None) -> subprocess.CompletedProcess:
