@@ -76,7 +76,9 @@ def test_simulation_runtime_gives_the_in_process_adapter(tmp_path, method):
     """Equivalence (≤ 1e-6; bit-identical here at equal thread counts) of the final PEFT adapter, and the same
     per-round loss, accuracy and traffic."""
     overrides = BASE + [f"method={method}"] + METHODS[method]
+    threads = torch.get_num_threads()
     run_experiment(load_config(TINY, overrides), out_dir=tmp_path / "inproc", progress=False, log=lambda *_: None)
+    assert torch.get_num_threads() == threads  # model.threads = 1 held for the run only
     _simulate({"config": TINY, "overrides": ";".join(overrides), "out-dir": str(tmp_path / "flower")})
     ours = load_file(str(tmp_path / "inproc/adapter/adapter_model.safetensors"))
     theirs = load_file(str(tmp_path / "flower/adapter/adapter_model.safetensors"))

@@ -81,8 +81,11 @@ def make_certificates(folder: Path) -> dict[str, Path]:
 class LoopbackFederation:
     """SuperLink + SuperNodes on loopback; :meth:`run` submits the app with ``flwr run`` and waits for it."""
 
-    def __init__(self, num_nodes: int, workdir: Path, tls: bool = False, node_config: dict[int, str] | None = None):
-        self.num_nodes, self.workdir, self.tls = num_nodes, Path(workdir).resolve(), tls
+    def __init__(self, num_nodes: int, workdir: Path, tls: bool = False, node_config: dict[int, str] | None = None,
+                 auth: bool = False):
+        if auth and not tls:
+            raise ValueError("SuperNode authentication needs TLS")
+        self.num_nodes, self.workdir, self.tls, self.auth = num_nodes, Path(workdir).resolve(), tls, auth
         self.node_config = node_config or {}
         self.procs: dict[str, subprocess.Popen] = {}
         self.bin = Path(sys.executable).parent
@@ -113,19 +116,51 @@ class LoopbackFederation:
             node_security = ["--root-certificates", str(self.certs["ca"])]
         else:
             link_security, node_security = ["--insecure"], ["--insecure"]
+        if self.auth:
+            link_security.append("--enable-supernode-auth")
         self._start("superlink", [str(self.bin / "flower-superlink"), *link_security, "--host", "127.0.0.1",
                                   "--port", str(self.port), "--disable-runtime-dependency-installation"])
-        for k in range(self.num_nodes):
-            self.start_node(k, node_security)
         connection = [f'address = "127.0.0.1:{self.port}"']
         connection.append(f'root-certificates = "{self.certs["ca"]}"' if self.tls else "insecure = true")
         (self.workdir / "flwr_home" / "config.toml").write_text(
             '[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n' + "\n".join(connection) + "\n")
+        for k in range(self.num_nodes):
+            if self.auth:
+                self.register_node(self.node_keys(k)[1])
+            self.start_node(k, node_security)
         return self
+
+    def node_keys(self, k: int) -> tuple[Path, Path]:
+        """SuperNode ``k``'s EC P-384 key pair (private, public), made on first use."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        private, public = self.workdir / "certs" / f"node{k}.key", self.workdir / "certs" / f"node{k}.pub"
+        if not private.exists():
+            key = ec.generate_private_key(ec.SECP384R1())
+            private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                  serialization.NoEncryption()))
+            public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                             serialization.PublicFormat.SubjectPublicKeyInfo))
+        return private, public
+
+    def register_node(self, public_key: Path, attempts: int = 60) -> None:
+        """``flwr supernode register`` (retried while the SuperLink starts)."""
+        for _ in range(attempts):
+            res = subprocess.run([str(self.bin / "flwr"), "supernode", "register", str(public_key), "loopback"],
+                                 env=self.env, cwd=self.workdir, capture_output=True, text=True, timeout=60)
+            if res.returncode == 0:
+                return
+            time.sleep(1.0)
+        raise RuntimeError(f"could not register {public_key}: {res.stdout[-500:]} {res.stderr[-500:]}")
 
     def start_node(self, k: int, security: list[str] | None = None) -> subprocess.Popen:
         if security is None:
             security = ["--root-certificates", str(self.certs["ca"])] if self.tls else ["--insecure"]
+        if self.auth:
+            private, public = self.node_keys(k)
+            security = [*security, "--auth-supernode-private-key", str(private),
+                        "--auth-supernode-public-key", str(public)]
         config = f"partition-id={k} num-partitions={self.num_nodes}"
         if self.node_config.get(k):
             config += " " + self.node_config[k]

@@ -421,10 +421,17 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, pro
 
     ``collect(t, plans, engine, prepared, accountant, progress, method, stream) -> RoundUpdates`` runs the clients
     of a round; the default trains them in this process, the Flower engine sends them to SuperNodes."""
-    collect = collect or _collect_updates
-    t_start = time.time()
+    threads = torch.get_num_threads()
     if cfg.model.threads:
         torch.set_num_threads(cfg.model.threads)
+    try:
+        return _run(cfg, out_dir, progress, log, resume, collect or _collect_updates)
+    finally:
+        torch.set_num_threads(threads)  # model.threads is this run's, not the caller's process-wide setting
+
+
+def _run(cfg: ExperimentConfig, out_dir, progress: bool, log, resume: bool, collect) -> RunResult:
+    t_start = time.time()
     return_large_frees_promptly()
     ckpt = None
     if resume:
