@@ -165,3 +165,26 @@ def test_a_supernode_killed_during_a_round_does_not_stop_the_run(tmp_path):
     assert [r["clients"] for r in rows] == [3, 2]
     assert list(rows[1]["missing"]) == ["2"]
     assert (tmp_path / "flower/adapter/adapter_model.safetensors").is_file()
+
+
+@pytest.mark.deployment
+def test_supernode_authentication_admits_registered_nodes_only(tmp_path):
+    """TLS + SuperNode authentication: the two registered SuperNodes run the experiment; a third node whose key was
+    never registered is refused by the SuperLink and exits."""
+    import subprocess
+
+    from fedlora.engine.loopback import LoopbackFederation
+
+    overrides = BASE + ["method=ffa", "clients.num=2", 'clients.partition="iid"', "rounds=1"]
+    with LoopbackFederation(2, tmp_path / "federation", tls=True, auth=True) as fed:
+        intruder = fed.start_node(2)  # a key pair of its own, never registered
+        res = fed.run(ROOT, {"config": TINY, "overrides": ";".join(overrides), "out-dir": str(tmp_path / "flower")},
+                      timeout=600)
+        assert res.returncode == 0, res.stdout[-3000:]
+        listed = subprocess.run([str(fed.bin / "flwr"), "supernode", "ls", "loopback", "--format", "json"],
+                                env=fed.env, cwd=fed.workdir, capture_output=True, text=True, timeout=120)
+        assert intruder.wait(timeout=120) != 0  # refused: the SuperNode gives up
+    nodes = json.loads(listed.stdout[listed.stdout.index("{"):])["nodes"]
+    assert len(nodes) == 2 and all(n["status"] == "online" for n in nodes)
+    assert "Failed to activate SuperNode" in (fed.workdir / "supernode2.log").read_text()
+    assert [r["clients"] for r in _rows(tmp_path / "flower")] == [2]

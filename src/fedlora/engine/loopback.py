@@ -138,10 +138,11 @@ class LoopbackFederation:
         private, public = self.workdir / "certs" / f"node{k}.key", self.workdir / "certs" / f"node{k}.pub"
         if not private.exists():
             key = ec.generate_private_key(ec.SECP384R1())
-            private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            # the OpenSSH formats `ssh-keygen -t ecdsa -b 384` writes, which Flower expects
+            private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                                   serialization.NoEncryption()))
-            public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                             serialization.PublicFormat.SubjectPublicKeyInfo))
+            public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                             serialization.PublicFormat.OpenSSH))
         return private, public
 
     def register_node(self, public_key: Path, attempts: int = 60) -> None:
@@ -202,7 +203,9 @@ class LoopbackFederation:
             proc.wait(timeout=max(1.0, deadline - time.time()))
         finally:
             _kill_group(self.procs.pop("flwr-run"), signal.SIGTERM)
-        return subprocess.CompletedProcess(args, proc.returncode, "".join(lines), "")
+        out = "".join(lines)
+        failed = proc.returncode != 0 or "ServerApp raised an exception" in out  # `flwr run` itself exits 0 then
+        return subprocess.CompletedProcess(args, 1 if failed else 0, out, "")
 
 
 def _toml(value) -> str:
