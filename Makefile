@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test test-fast test-slow bench clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ demo: setup
 	$(BIN)/fedlora run
 
 test: setup
+	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m deployment
+
+test-fast: setup
 	$(BIN)/python -m pytest -q
 
 test-slow: setup

@@ -23,8 +23,12 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "examples/tiny.toml")
 BASE = ["rounds=2", "data.max_train_examples=120", "data.max_eval_examples=40", "train.local_steps=2",
         "train.batch_size=8", "model.threads=1"]
-METHODS = {"fedit": [], "ffa": [],
-           "flexlora": ['lora.rank_distribution="explicit"', "lora.client_ranks=[2, 4, 8]"]}
+PILOT = str(ROOT / "examples/pilot_tiny.toml")
+METHODS = {"fedit": (TINY, []), "ffa": (TINY, []),
+           "flexlora": (TINY, ['lora.rank_distribution="explicit"', "lora.client_ranks=[2, 4, 8]"]),
+           "hetlora": (TINY, ['lora.rank_distribution="explicit"', "lora.client_ranks=[2, 4, 8]"]),
+           "pilot": (PILOT, []),
+           "flora": (TINY, ['lora.rank_distribution="explicit"', "lora.client_ranks=[2, 4, 8]", "rounds=3"])}  # pilot: layer subsets chosen on the client, with the server's memory model
 
 
 def test_plan_and_update_travel_as_text():
@@ -46,8 +50,6 @@ def test_run_config_resolution(tmp_path, monkeypatch):
     assert flower.resolve_config({"config": "examples/tiny.toml"}).method == "ffa"
     with pytest.raises(ConfigError, match="no such file"):
         flower.resolve_config({"config": "examples/nope.toml"})
-    with pytest.raises(ConfigError, match="not available on the Flower engine"):
-        flower.run_on_grid(None, {"config": TINY, "overrides": "method=flora"})
 
 
 def _simulate(run_config: dict, client_app=None, nodes: int = 3) -> None:
@@ -75,11 +77,12 @@ def _rows(run_dir: Path) -> list[dict]:
 def test_simulation_runtime_gives_the_in_process_adapter(tmp_path, method):
     """Equivalence (≤ 1e-6; bit-identical here at equal thread counts) of the final PEFT adapter, and the same
     per-round loss, accuracy and traffic."""
-    overrides = BASE + [f"method={method}"] + METHODS[method]
+    config, extra = METHODS[method]
+    overrides = BASE + [f"method={method}"] + extra
     threads = torch.get_num_threads()
-    run_experiment(load_config(TINY, overrides), out_dir=tmp_path / "inproc", progress=False, log=lambda *_: None)
+    run_experiment(load_config(config, overrides), out_dir=tmp_path / "inproc", progress=False, log=lambda *_: None)
     assert torch.get_num_threads() == threads  # model.threads = 1 held for the run only
-    _simulate({"config": TINY, "overrides": ";".join(overrides), "out-dir": str(tmp_path / "flower")})
+    _simulate({"config": config, "overrides": ";".join(overrides), "out-dir": str(tmp_path / "flower")})
     ours = load_file(str(tmp_path / "inproc/adapter/adapter_model.safetensors"))
     theirs = load_file(str(tmp_path / "flower/adapter/adapter_model.safetensors"))
     assert ours.keys() == theirs.keys()
@@ -132,11 +135,13 @@ def _deploy(tmp_path, tls: bool, overrides: list[str], extra: dict | None = None
 
 
 @pytest.mark.deployment
-@pytest.mark.parametrize("tls", [False, True], ids=["insecure", "tls"])
-def test_loopback_deployment_gives_the_in_process_adapter(tmp_path, tls):
+@pytest.mark.parametrize("method,tls", [("ffa", False), ("ffa", True), ("fedit", False), ("flexlora", False),
+                                        ("flora", False)],
+                         ids=["ffa-insecure", "ffa-tls", "fedit", "flexlora", "flora"])
+def test_loopback_deployment_gives_the_in_process_adapter(tmp_path, method, tls):
     """A real SuperLink and three SuperNodes (flower-superlink / flower-supernode on 127.0.0.1, TLS with
-    certificates made here), two rounds of FFA-LoRA: the same final adapter as the in-process engine."""
-    overrides = BASE + ["method=ffa"]
+    certificates made here), two rounds: the same final adapter as the in-process engine."""
+    overrides = BASE + [f"method={method}"] + METHODS[method][1]
     run_experiment(load_config(TINY, overrides), out_dir=tmp_path / "inproc", progress=False, log=lambda *_: None)
     res, fed = _deploy(tmp_path, tls, overrides)
     assert res.returncode == 0, res.stdout[-3000:]

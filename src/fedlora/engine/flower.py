@@ -42,8 +42,7 @@ from fedlora.errors import ConfigError
 # torch, transformers and the engine are imported inside the functions that need them: a deployment's ClientApp
 # process (one per message) then only relays to the node's long-lived worker (fedlora.engine.flower_worker)
 
-UNSUPPORTED = {"flora": "FLoRA merges every round's stack into each client's base weights, which needs per-client "
-                        "state across rounds; run it with the in-process engine (`fedlora run`)"}
+UNSUPPORTED: dict[str, str] = {}  # method → why the Flower engine cannot run it (none at present)
 
 
 # ---------------------------------------------------------------------------------------------------- messages
@@ -75,6 +74,25 @@ def update_from_text(text: str) -> Update:
     report = {k: ({int(i): v for i, v in val.items()} if isinstance(val, dict) else val)
               for k, val in d["report"].items()}
     return Update(int(d["client_id"]), int(d["num_examples"]), {}, dict(d["metrics"]), report)
+
+
+def memory_to_text(spec) -> str:
+    """The server's memory model and budgets (layer-subset methods), so that every client's knapsack uses the one
+    the server calibrated, as in simulation; '' when the method has none."""
+    if getattr(spec, "memory", None) is None:
+        return ""
+    m = spec.memory
+    return json.dumps({"model": {"step_bytes": m.step_bytes, "grad_state_bytes": list(m.grad_state_bytes),
+                                 "act_bytes": list(m.act_bytes), "calibrated": m.calibrated},
+                       "budgets": {str(k): v for k, v in spec.budgets.items()}})
+
+
+def _apply_memory(spec, text: str) -> None:
+    from fedlora.memory import MemoryModel
+
+    d = json.loads(text)
+    spec.memory = MemoryModel(**d["model"])
+    spec.budgets = {int(k): float(v) for k, v in d["budgets"].items()}
 
 
 def _bytes_array(blob: bytes):
@@ -151,12 +169,18 @@ class FlowerRound:
             payload = wire.encode(plan.download)
             out.down_bytes += len(payload)
             node = self.nodes.get(plan.client_id)
+            if node is None and plan.merge:
+                out.down_bytes += len(wire.encode(plan.merge))
             if node is None:
                 out.missing[plan.client_id] = "no SuperNode holds this partition"
                 continue
+            merge = wire.encode(plan.merge) if plan.merge else b""
+            out.down_bytes += len(merge)
             content = RecordDict({"download": ArrayRecord({"tensors": _bytes_array(payload)}),
+                                  "merge": ArrayRecord({"tensors": _bytes_array(merge)}),
                                   "plan": ConfigRecord({"json": plan_to_text(plan), "round": t,
-                                                        "config": self.config_text})})
+                                                        "config": self.config_text,
+                                                        "memory": memory_to_text(eng.spec)})})
             msg = Message(content, dst_node_id=node, message_type="train", group_id=str(t))
             messages.append(msg)
             sent[node] = plan
@@ -223,6 +247,8 @@ def _engine(config_text: str, data_dir: str | None):
         from fedlora.methods import get_method
 
         cfg = from_toml(config_text, where="the server's config")
+        # layer-subset methods: the server's calibrated memory model comes with each plan; no profiling here
+        cfg = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, calibrate=False))
         if cfg.model.threads:  # the same thread count as the server's engine gives bit-identical local training
             import torch
 
@@ -246,18 +272,44 @@ def _rebase_data(cfg: ExperimentConfig, root: Path) -> ExperimentConfig:
 
 
 def local_round(config_text: str, data_dir: str | None, plan_text: str, round_idx: int, download: bytes,
-                partition: int) -> tuple[bytes, str]:
-    """A client's round from wire form to wire form: (upload bytes, update JSON).  Runs in the ClientApp process
-    (simulation runtime: a long-lived Ray actor) or in the node's worker (deployment)."""
+                partition: int, memory_text: str = "", merge: bytes = b"",
+                base_state: bytes | None = None) -> tuple[bytes, str, bytes]:
+    """A client's round from wire form to wire form: (upload bytes, update JSON, the client's base state).  Runs in
+    the ClientApp process (simulation runtime: a long-lived Ray actor) or in the node's worker (deployment).
+    ``base_state`` is what the previous call returned for this node (FLoRA's offset, kept by Flower in the node's
+    ``context.state``); ``None`` when there is none."""
     from fedlora import wire
     from fedlora.engine.simulation import client_work
 
     eng, method = _engine(config_text, data_dir)
+    if memory_text:
+        _apply_memory(eng.spec, memory_text)
     plan = plan_from_text(plan_text, wire.decode(download))
     if plan.client_id != partition:
         raise ValueError(f"this node holds partition {partition}, the plan is for client {plan.client_id}")
+    previous = wire.decode(base_state) if base_state is not None else None
+    offsets = _merge_into_base(eng, wire.decode(merge) if merge else {}, previous)
     blob, update = client_work(eng, plan, round_idx, method)
-    return blob, update_to_text(update)
+    return blob, update_to_text(update), wire.encode(offsets)
+
+
+def _merge_into_base(eng, merge: dict, previous: dict | None) -> dict:
+    """FLoRA (algorithms.md §4.3): this client's frozen base becomes ``W0 + offset``; returns the offset.  The plan
+    carries either the whole cumulative offset (``<module>.delta``) or, for a client that took part in the previous
+    round, only that round's stack (``<module>.stack_B`` / ``.stack_A``), added to the client's ``previous`` offset
+    with the server's own operation (``previous + B_stack @ A_stack``), so the base is bit-identical to the
+    server's.  A client without its previous offset fails the round; the server then sends it the whole offset.
+    No merge: the plain base (every other method, and FLoRA's first round)."""
+    deltas = {k[:-len(".delta")]: v for k, v in merge.items() if k.endswith(".delta")}
+    stacks = sorted(k[:-len(".stack_B")] for k in merge if k.endswith(".stack_B"))
+    if stacks:
+        if previous is None:
+            raise ValueError("this client has lost its FLoRA base offset; it gets the whole offset the next time "
+                             "it is sampled")
+        deltas = {n: (previous[n] + merge[n + ".stack_B"] @ merge[n + ".stack_A"]) if n in previous
+                  else merge[n + ".stack_B"] @ merge[n + ".stack_A"] for n in stacks}
+    eng.base.set(deltas or None)
+    return deltas
 
 
 def client_train(msg, context):
@@ -268,13 +320,18 @@ def client_train(msg, context):
 
     rec = msg.content["plan"]
     args = (str(rec["config"]), context.node_config.get("data-dir"), str(rec["json"]), int(rec["round"]),
-            msg.content["download"]["tensors"].data, int(context.node_config.get("partition-id", -1)))
+            msg.content["download"]["tensors"].data, int(context.node_config.get("partition-id", -1)),
+            str(rec.get("memory", "")),
+            msg.content["merge"]["tensors"].data if "merge" in msg.content else b"")
+    kept = context.state.get("fedlora") if "fedlora" in context.state else None
+    state = kept["base"].data if kept is not None and "base" in kept else None
     if _short_lived_process(context):
         from fedlora.engine.flower_worker import call_worker
 
-        blob, update_text = call_worker(context.node_id, *args)
+        blob, update_text, state = call_worker(context.node_id, *args, state)
     else:
-        blob, update_text = local_round(*args)
+        blob, update_text, state = local_round(*args, state)
+    context.state["fedlora"] = ArrayRecord({"base": _bytes_array(state)})  # Flower keeps it for this node
     return Message(RecordDict({"upload": ArrayRecord({"tensors": _bytes_array(blob)}),
                                "update": ConfigRecord({"json": update_text})}), reply_to=msg)
 

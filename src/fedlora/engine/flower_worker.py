@@ -62,8 +62,9 @@ def _recv(conn: socket.socket) -> tuple[dict, bytes]:
 
 
 def call_worker(node_id: int, config_text: str, data_dir: str | None, plan_text: str, round_idx: int,
-                download: bytes, partition: int) -> tuple[bytes, str]:
-    """Run a client's round in this node's worker (started if none answers); (upload bytes, update JSON)."""
+                download: bytes, partition: int, memory_text: str = "", merge: bytes = b"",
+                base_state: bytes | None = None) -> tuple[bytes, str, bytes]:
+    """Run a client's round in this node's worker (started if none answers): :func:`local_round`'s result."""
     path = socket_path(node_id)
     conn = _connect(path)
     if conn is None:
@@ -78,11 +79,13 @@ def call_worker(node_id: int, config_text: str, data_dir: str | None, plan_text:
             raise RuntimeError(f"the fedlora worker did not start within {START_TIMEOUT_S:.0f} s (log: {path}.log)")
     with conn:
         _send(conn, {"config": config_text, "data_dir": data_dir, "plan": plan_text, "round": round_idx,
-                     "partition": partition}, download)
-        header, blob = _recv(conn)
+                     "partition": partition, "memory": memory_text, "sizes": [len(download), len(merge)],
+                     "has_state": base_state is not None}, download + merge + (base_state or b""))
+        header, payload = _recv(conn)
     if "error" in header:
         raise RuntimeError(f"fedlora worker: {header['error']}")
-    return blob, header["update"]
+    cut = int(header["upload_bytes"])
+    return payload[:cut], header["update"], payload[cut:]
 
 
 def _connect(path: Path) -> socket.socket | None:
@@ -121,10 +124,12 @@ def serve(path: Path, idle_s: float) -> None:
             with conn:
                 conn.settimeout(None)
                 try:
-                    req, download = _recv(conn)
-                    blob, update = local_round(req["config"], req["data_dir"], req["plan"], int(req["round"]),
-                                               download, int(req["partition"]))
-                    _send(conn, {"update": update}, blob)
+                    req, payload = _recv(conn)
+                    a, b = (int(n) for n in req["sizes"])
+                    blob, update, state = local_round(req["config"], req["data_dir"], req["plan"], int(req["round"]),
+                                                      payload[:a], int(req["partition"]), req["memory"],
+                                                      payload[a:a + b], payload[a + b:] if req["has_state"] else None)
+                    _send(conn, {"update": update, "upload_bytes": len(blob)}, blob + state)
                 except Exception as exc:  # noqa: BLE001 - the reason goes back to the ServerApp as a client error
                     traceback.print_exc()
                     try:
