@@ -193,3 +193,32 @@ def test_supernode_authentication_admits_registered_nodes_only(tmp_path):
     assert len(nodes) == 2 and all(n["status"] == "online" for n in nodes)
     assert "Failed to activate SuperNode" in (fed.workdir / "supernode2.log").read_text()
     assert [r["clients"] for r in _rows(tmp_path / "flower")] == [2]
+
+
+def test_a_reply_that_fails_validation_is_dropped_with_its_reason(tmp_path):
+    """Client 0 sends NaN in round 2 (a well-formed message with a poisoned upload): the server's checks drop it and
+    record why; the round aggregates the others and the final adapter stays finite."""
+    from flwr.app import ArrayRecord
+    from flwr.clientapp import ClientApp
+
+    from fedlora import wire
+
+    app = ClientApp()
+
+    @app.train()
+    def _train(msg, context):
+        reply = flower.client_train(msg, context)
+        if int(context.node_config["partition-id"]) == 0 and int(msg.content["plan"]["round"]) == 2:
+            tensors = wire.decode(reply.content["upload"]["tensors"].data)
+            poisoned = {k: torch.full_like(v, float("nan")) for k, v in tensors.items()}
+            reply.content["upload"] = ArrayRecord({"tensors": flower._bytes_array(wire.encode(poisoned))})
+        return reply
+
+    app.query()(flower.client_query)
+    _simulate({"config": TINY, "overrides": ";".join(BASE + ["method=ffa"]), "out-dir": str(tmp_path / "flower")},
+              client_app=app)
+    rows = _rows(tmp_path / "flower")
+    assert [r["clients"] for r in rows] == [3, 2] and rows[1]["rejected"] == 1
+    assert "0" in rows[1]["dropped"] and "finite" in rows[1]["dropped"]["0"].lower()
+    final = load_file(str(tmp_path / "flower/adapter/adapter_model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in final.values())
