@@ -107,6 +107,13 @@ class LoopbackFederation:
         return proc
 
     def __enter__(self) -> "LoopbackFederation":
+        try:
+            return self._start_all()
+        except BaseException:
+            self.__exit__(None, None, None)  # a failed start (say, a node's registration) leaves nothing running
+            raise
+
+    def _start_all(self) -> "LoopbackFederation":
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "flwr_home").mkdir(exist_ok=True)
         if self.tls:
