@@ -92,3 +92,22 @@ def test_per_method_overrides_apply_to_that_method_only():
         parse_method_overrides(["train.lr=1"], ["ffa"])
     with pytest.raises(ConfigError, match="not one of --methods"):
         parse_method_overrides(["fedsa:train.lr=1"], ["ffa"])
+
+
+def test_parallel_cells_match_sequential_ones(tmp_path, capsys):
+    """--jobs 2: cells run in two spawned processes; each cell is the same run as in a sequential compare."""
+    common = ["compare", "--config", "examples/tiny.toml", "--methods", "fedit,ffa", "--quiet", *TINY]
+    assert main([*common, "--out", str(tmp_path / "seq")]) == 0
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "par"), "--jobs", "2"]) == 0
+    log = capsys.readouterr().out
+    assert log.count("in parallel") == 2 and log.count(": done") == 2
+    for method in ("fedit", "ffa"):
+        seq, par = (json.loads((tmp_path / kind / "cells" / f"method={method}__seed=0" / "summary.json").read_text())
+                    for kind in ("seq", "par"))
+        assert seq["partition_sha256"] == par["partition_sha256"]
+        assert par["final_accuracy"] == pytest.approx(seq["final_accuracy"], abs=1 / 16)  # thread count may differ
+    with open(tmp_path / "par" / "summary.csv") as fh:
+        assert {r["method"] for r in csv.DictReader(fh)} == {"fedit", "ffa"}
+    assert main([*common, "--out", str(tmp_path / "bad"), "--jobs", "0"]) == 2
+    assert "--jobs must be a positive integer" in capsys.readouterr().err

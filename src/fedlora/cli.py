@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
                      help="a config key and its values (repeatable; cartesian product); dp.epsilon=inf = no DP")
     cmp.add_argument("--out", required=True, help="comparison directory (re-run the command to resume it)")
+    cmp.add_argument("--jobs", type=int, default=1,
+                     help="cells run at once, each in its own process with cpu_count/jobs threads (default 1)")
     cmp.add_argument("--quiet", action="store_true", help="no progress bars")
     rep = sub.add_parser("report", help="rebuild tables and plots of a run or comparison from its saved metrics")
     rep.add_argument("path", help="a run directory or a comparison directory")
@@ -84,7 +86,7 @@ def _cmd_compare(args) -> int:
                        parse_method_overrides(args.method_overrides, methods))
     print(f"fedlora compare: {len(cells)} runs ({len(methods)} methods x {args.seeds} seeds x grid) -> {args.out}",
           flush=True)
-    out = run_compare(cells, args.out, progress=not args.quiet)
+    out = run_compare(cells, args.out, progress=not args.quiet, jobs=args.jobs)
     print((out / "summary.md").read_text(encoding="utf-8"))
     return 0
 

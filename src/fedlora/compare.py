@@ -105,14 +105,21 @@ def plan_cells(config: str | None, overrides: list[str], methods: list[str], see
     return cells
 
 
-def run_compare(cells: list[tuple[Cell, ExperimentConfig]], out: Path, progress: bool = True, log=print) -> Path:
-    """Run every unfinished cell (resuming checkpointed ones), then write the report."""
-    from fedlora.engine.simulation import run_experiment
+def run_compare(cells: list[tuple[Cell, ExperimentConfig]], out: Path, progress: bool = True, log=print,
+                jobs: int = 1) -> Path:
+    """Run every unfinished cell (resuming checkpointed ones), then write the report.
 
+    ``jobs > 1`` runs that many cells at once, each in its own process with ``cpu_count // jobs`` torch threads
+    (small models use two cores better as two one-thread runs than as one two-thread run: docs/benchmarks.md).
+    A cell's results do not depend on ``jobs`` beyond the float rounding of a different thread count.  When a cell
+    fails, the cells already running finish, no new one starts, and the first error is raised."""
     out = Path(out)
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be a positive integer, got {jobs}")
     (out / "cells").mkdir(parents=True, exist_ok=True)
     plan = [{"cell": c.name, "method": c.method, "seed": c.seed, "grid": dict(c.grid)} for c, _ in cells]
     (out / "compare.json").write_text(json.dumps(plan, indent=1) + "\n", encoding="utf-8")
+    todo = []
     for i, (cell, cfg) in enumerate(cells, 1):
         d = out / "cells" / cell.name
         if (d / "summary.json").is_file():
@@ -122,13 +129,69 @@ def run_compare(cells: list[tuple[Cell, ExperimentConfig]], out: Path, progress:
                                   f"different settings are not mixed")
             log(f"[{i}/{len(cells)}] {cell.name}: finished earlier, kept")
             continue
-        resume = (d / "checkpoint" / "checkpoint.json").is_file()
-        if d.exists() and not resume:
-            shutil.rmtree(d)  # started but no round completed: nothing to keep
-        log(f"[{i}/{len(cells)}] {cell.name}: {'resuming' if resume else 'running'}")
-        run_experiment(cfg, out_dir=d, progress=progress, log=lambda *_: None, resume=resume)
+        todo.append((i, cell, cfg, d))
+    if jobs == 1 or len(todo) <= 1:
+        for i, cell, cfg, d in todo:
+            log(f"[{i}/{len(cells)}] {cell.name}: {_start_cell(d)}")
+            _run_cell(cfg, d, progress, 0)
+    else:
+        _run_parallel(todo, len(cells), jobs, log)
     report_compare(out)
     return out
+
+
+def _start_cell(d: Path) -> str:
+    """Resume a checkpointed cell; clear one that started but completed no round (nothing to keep)."""
+    if (d / "checkpoint" / "checkpoint.json").is_file():
+        return "resuming"
+    if d.exists():
+        shutil.rmtree(d)
+    return "running"
+
+
+def _run_cell(cfg: ExperimentConfig, d: Path, progress: bool, threads: int) -> None:
+    import torch
+
+    from fedlora.engine.simulation import run_experiment
+
+    if threads:  # a spawned worker: the same quiet console as the parent's
+        from fedlora.cli import _offline_defaults
+
+        _offline_defaults()
+        torch.set_num_threads(threads)
+    run_experiment(cfg, out_dir=d, progress=progress, log=lambda *_: None,
+                   resume=(d / "checkpoint" / "checkpoint.json").is_file())
+
+
+def _run_parallel(todo: list, total: int, jobs: int, log) -> None:
+    import multiprocessing
+    import os
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    pending = list(todo)
+    running: dict = {}
+    first_error: BaseException | None = None
+    # spawn, not fork: a forked child would inherit torch's thread pools and the parent's open files
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        while pending or running:
+            while pending and len(running) < jobs and first_error is None:
+                i, cell, cfg, d = pending.pop(0)
+                log(f"[{i}/{total}] {cell.name}: {_start_cell(d)} (in parallel, {threads} thread(s))")
+                running[pool.submit(_run_cell, cfg, d, False, threads)] = (i, cell)
+            if not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                i, cell = running.pop(fut)
+                exc = fut.exception()
+                if exc is not None:
+                    log(f"[{i}/{total}] {cell.name}: failed: {exc}")
+                    first_error = first_error or exc
+                else:
+                    log(f"[{i}/{total}] {cell.name}: done")
+    if first_error is not None:
+        raise first_error
 
 
 # ---------------------------------------------------------------------------------------------------------------
