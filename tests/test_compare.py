@@ -111,3 +111,36 @@ def test_parallel_cells_match_sequential_ones(tmp_path, capsys):
         assert {r["method"] for r in csv.DictReader(fh)} == {"fedit", "ffa"}
     assert main([*common, "--out", str(tmp_path / "bad"), "--jobs", "0"]) == 2
     assert "--jobs must be a positive integer" in capsys.readouterr().err
+
+
+def test_report_lays_out_a_two_key_grid_and_plots_privacy_spent(tmp_path):
+    """partition × ε cells: accuracy panels in rows × columns, privacy.png from the rounds' ε (no model runs)."""
+    from matplotlib.image import imread
+
+    from fedlora.compare import report_compare
+
+    plan = []
+    for method in ("fedit", "ffa"):
+        for part in ("iid", "skew"):
+            for eps in ("1", "3", "inf"):
+                cell = Cell(method, 0, (("clients.partition", part), ("dp.epsilon", eps)))
+                d = tmp_path / "cells" / cell.name
+                d.mkdir(parents=True)
+                spent = [None if eps == "inf" else float(eps) * (0.8 + 0.1 * r) for r in range(3)]
+                (d / "metrics.jsonl").write_text("".join(
+                    json.dumps({"round": r + 1, "accuracy": 0.5 + 0.1 * r, "epsilon": spent[r]}) + "\n"
+                    for r in range(3)))
+                (d / "summary.json").write_text(json.dumps({
+                    "final_accuracy": 0.7, "total_upload_bytes": 100 if method == "ffa" else 200,
+                    "total_download_bytes": 200, "max_epsilon": spent[-1], "wall_s": 1.0}))
+                plan.append({"cell": cell.name, "method": method, "seed": 0, "grid": dict(cell.grid)})
+    (tmp_path / "compare.json").write_text(json.dumps(plan))
+    rows = report_compare(tmp_path)
+    assert len(rows) == 12
+    height, width = imread(tmp_path / "accuracy.png").shape[:2]
+    assert width > height  # 2 rows of 3 panels, not 6 panels in one row
+    assert 1.0 < width / height < 2.5
+    assert (tmp_path / "privacy.png").is_file()
+    with open(tmp_path / "summary.csv") as fh:
+        eps = {(r["method"], r["clients.partition"], r["dp.epsilon"]): r["max_epsilon"] for r in csv.DictReader(fh)}
+    assert float(eps[("ffa", "skew", "3")]) == pytest.approx(3.0) and eps[("ffa", "skew", "inf")] == ""

@@ -298,8 +298,15 @@ def _plot_compare(results: list[dict], grid_keys: list[str], rows: list[dict], o
         per_round = _per_round_key(r["metrics"])
         acc = [m.get(per_round) for m in r["metrics"]]
         panels.setdefault(key, {}).setdefault(r["method"], []).append(acc)
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
-    for ax, (key, by_method) in zip(axes[0], panels.items()):
+    # one row per value of the earlier grid keys, one column per value of the last (wrapped at 4): a 2 × 3 grid of
+    # partitions × epsilons reads as a table; one y scale for all panels so they compare at a glance
+    last_values = {key[-1] for key in panels} if grid_keys else set()
+    ncols = len(last_values) if 1 <= len(last_values) <= 4 else min(len(panels), 3)
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.6 * nrows), squeeze=False, sharey=True)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (key, by_method) in zip(axes.flat, panels.items()):
         for method, curves in sorted(by_method.items()):
             n = min(len(c) for c in curves)
             a = np.array([[np.nan if v is None else v for v in c[:n]] for c in curves], dtype=float)
@@ -315,12 +322,40 @@ def _plot_compare(results: list[dict], grid_keys: list[str], rows: list[dict], o
     fig.savefig(out / "accuracy.png", dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(5, 3.4))
+    fig, ax = plt.subplots(figsize=(6, max(3.4, 1.2 + 0.28 * len(rows))))
     labels = [" ".join([r["method"], *[f"{k}={r[k]}" for k in grid_keys]]) for r in rows]
     ax.barh(labels, [r["total_upload_bytes"] / 1e6 for r in rows])
     ax.set(xlabel="total upload per run (MB, measured)", title="communication")
     fig.tight_layout()
     fig.savefig(out / "communication.png", dpi=110)
+    plt.close(fig)
+    _plot_privacy(results, grid_keys, out, plt)
+
+
+def _plot_privacy(results: list[dict], grid_keys: list[str], out: Path, plt) -> None:
+    """privacy.png: the ε each private cell had spent after every round (max over its clients, mean over seeds)."""
+    from matplotlib.ticker import MaxNLocator
+
+    curves: dict[str, list[list[float]]] = {}
+    for r in results:
+        eps = [m.get("epsilon") for m in r["metrics"]]
+        if any(e is not None for e in eps):
+            label = " ".join([r["method"], *[f"{k}={r['grid'][k]}" for k in grid_keys if k != "dp.epsilon"]])
+            curves.setdefault(f"{label} (ε target {r['grid'].get('dp.epsilon', '')})".replace(" (ε target )", ""),
+                              []).append([np.nan if e is None else e for e in eps])
+    if not curves:
+        (out / "privacy.png").unlink(missing_ok=True)
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, cs in sorted(curves.items()):
+        n = min(len(c) for c in cs)
+        ax.plot(np.arange(1, n + 1), np.nanmean(np.array([c[:n] for c in cs], dtype=float), axis=0), marker=".",
+                label=label)
+    ax.set(xlabel="round", ylabel="ε spent (max over clients)", title="privacy budget spent")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "privacy.png", dpi=110)
     plt.close(fig)
 
 
