@@ -32,6 +32,12 @@ def test_every_cell_is_validated_before_anything_runs():
         plan_cells("examples/tiny.toml", [], ["ffa"], 1, parse_grid(["lora.rank=8,0"]))
     cells = plan_cells("examples/tiny.toml", [], ["fedit", "ffa"], 3, parse_grid(["lora.rank=4,8"]))
     assert len(cells) == 12 and len({c.name for c, _ in cells}) == 12
+    # a value the bare config lacks may come from the grid: a given DP noise multiplier with no epsilon target
+    cells = plan_cells("examples/tiny.toml", ["dp.enabled=true", "dp.epsilon=0"], ["ffa"], 1,
+                       parse_grid(["dp.noise_multiplier=0.5,1.0"]))
+    assert [cfg.dp.noise_multiplier for _, cfg in cells] == [0.5, 1.0]
+    with pytest.raises(ConfigError, match=r"dp.epsilon must be a positive finite target"):
+        plan_cells("examples/tiny.toml", ["dp.enabled=true", "dp.epsilon=0"], ["ffa"], 1, [])
 
 
 def test_compare_contract_then_resume_then_report(tmp_path, capsys):

@@ -89,7 +89,14 @@ def plan_cells(config: str | None, overrides: list[str], methods: list[str], see
         raise ConfigError("--methods needs at least one method, e.g. --methods fedit,ffa")
     if seeds < 1:
         raise ConfigError(f"--seeds must be a positive integer, got {seeds}")
-    base = load_config(config, overrides)
+    # the base seed, read with the first cell's grid values applied: a grid may supply a value the bare config
+    # needs (say --set dp.epsilon=0 --grid dp.noise_multiplier=...), so the bare config alone need not validate
+    first = Cell(methods[0], 0, tuple((k, vals[0]) for k, vals in grid))
+    try:
+        base = load_config(config, overrides + (method_overrides or {}).get(methods[0], [])
+                           + [o for o in first.overrides() if not o.startswith("seed=")])
+    except ConfigError as exc:
+        raise ConfigError(f"cell {first.name.replace('seed=0', 'seed=…')}: {exc}") from None
     cells = []
     keys = [k for k, _ in grid]
     for method in methods:
