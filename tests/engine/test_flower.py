@@ -27,8 +27,10 @@ PILOT = str(ROOT / "examples/pilot_tiny.toml")
 METHODS = {"fedit": (TINY, []), "ffa": (TINY, []),
            "flexlora": (TINY, ['lora.rank_distribution="explicit"', "lora.client_ranks=[2, 4, 8]"]),
            "hetlora": (TINY, ['lora.rank_distribution="explicit"', "lora.client_ranks=[2, 4, 8]"]),
-           "pilot": (PILOT, []),
-           "flora": (TINY, ['lora.rank_distribution="explicit"', "lora.client_ranks=[2, 4, 8]", "rounds=3"])}  # pilot: layer subsets chosen on the client, with the server's memory model
+           "pilot": (PILOT, ["memory.calibrate=false"]),
+           "flora": (TINY, ['lora.rank_distribution="explicit"', "lora.client_ranks=[2, 4, 8]", "rounds=3"])}
+# pilot: layer subsets chosen on the client, with the server's memory model.  Its analytical model here: a calibrated
+# one is measured (peak memory of two profiled steps), so two runs may pick different layers and differ by design.
 
 
 def test_plan_and_update_travel_as_text():
