@@ -1,5 +1,5 @@
 #!/bin/sh
-# The FFA-LoRA privacy study of docs/results.md, end to end (about 2.5 hours on 2 CPU cores).  Re-running resumes:
+# The FFA-LoRA privacy study of docs/results.md, end to end (about 3.7 hours on 2 CPU cores).  Re-running resumes:
 # finished cells are kept.  Learning rates come from the grid in docs/results.md (tuned on SST-2, label skew, seed 0).
 #   sh examples/privacy_study.sh [OUT=runs/study]
 set -e
@@ -31,3 +31,7 @@ fedlora compare --config examples/ffa_dp_glue.toml --methods fedit,ffa --seeds 2
 fedlora compare --config examples/ffa_dp_glue.toml --methods fedit,ffa --seeds 1 --set dp.epsilon=0 \
     --set dp.noise_multiplier=0.01 --set-for fedit:train.lr=$FEDIT_LR --set-for ffa:train.lr=$FFA_DP_LR \
     --out $OUT/sst2_dp_sigma0 --jobs $JOBS --quiet
+# larger batches on the full training split, same 20 steps (IID, epsilon 3, seeds 0-1; about 70 minutes with --jobs 2)
+fedlora compare --config examples/ffa_dp_glue.toml --methods fedit,ffa --seeds 2 --set clients.partition=iid \
+    --set dp.epsilon=3 --set data.max_train_examples=0 --set train.batch_size=512 --set train.lr=$FFA_DP_LR \
+    --out $OUT/sst2_dp_b512 --jobs $JOBS --quiet
