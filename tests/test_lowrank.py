@@ -218,15 +218,37 @@ def test_o18_zero_padding_keeps_the_product_and_the_leading_factors():
     assert torch.equal((1.0 * Bp)[:, :3], B) and torch.equal((1.0 * Ap)[:3], A)
 
 
-def test_o18_truncating_beyond_the_available_rank_pads_with_zeros():
+@pytest.mark.parametrize("split", ["B", "sqrt"])
+def test_truncating_beyond_the_available_rank_completes_A_orthonormally(split):
+    """A client rank above the stored rank R: B's extra columns are zero, A's extra rows are unit-norm, orthogonal to
+    each other and to the kept rows (as the official code's full SVD gives), and the product is the truncated SVD.
+    Zero rows of A (the old padding) would leave those components without a gradient in both factors."""
     Bs, As, coeffs = _clients((1, 2), seed=15)
-    U, S, Vh = svd_of_weighted_sum(Bs, As, coeffs)
-    B3, A3 = truncate(U, S, Vh, 3, 2.0)
-    B6, A6 = truncate(U, S, Vh, 6, 2.0)
+    U, S, Vh = svd_of_weighted_sum(Bs, As, coeffs)  # R = 3
+    B3, A3 = truncate(U, S, Vh, 3, 2.0, split=split)
+    B6, A6 = truncate(U, S, Vh, 6, 2.0, split=split, seed=5)
     assert B6.shape == (D_OUT, 6) and A6.shape == (6, D_IN)
     assert torch.equal(B6[:, :3], B3) and torch.equal(A6[:3], A3)
-    assert not B6[:, 3:].any() and not A6[3:].any()
+    assert not B6[:, 3:].any()
+    extra = A6[3:]
+    torch.testing.assert_close(extra.norm(dim=1), torch.ones(3, dtype=F64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(extra @ extra.T, torch.eye(3, dtype=F64), rtol=0, atol=1e-12)
+    assert (extra @ Vh[:3].T).abs().max() < 1e-12
     _close(2.0 * B6 @ A6, _reference(Bs, As, coeffs))
+    # seeded: the same seed gives the same completion, another seed another one
+    assert torch.equal(truncate(U, S, Vh, 6, 2.0, split=split, seed=5)[1], A6)
+    assert not torch.equal(truncate(U, S, Vh, 6, 2.0, split=split, seed=6)[1], A6)
+
+
+def test_orthonormal_completion_fills_the_whole_space():
+    from fedlora.lowrank import orthonormal_completion
+
+    Vh = torch.linalg.qr(torch.randn(D_IN, 4, dtype=F64, generator=torch.Generator().manual_seed(3)))[0].T
+    full = torch.cat([Vh, orthonormal_completion(Vh, D_IN - 4, seed=1)])
+    torch.testing.assert_close(full @ full.T, torch.eye(D_IN, dtype=F64), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError):
+        orthonormal_completion(Vh, D_IN - 3)
+    assert orthonormal_completion(Vh.float(), 2).dtype == torch.float32
 
 
 def test_product_frobenius_norm_matches_dense():

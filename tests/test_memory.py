@@ -50,3 +50,20 @@ def test_calibrated_model_predicts_real_minilm_steps_within_15_percent():
     mm = build_memory_model([2 * 8 * (384 + 384)] * 6, act_prior=1e6, calibrate_with=run)
     assert mm.act_bytes[0] > 0 and measure[(0,)] > measure[(5,)]  # an early layer costs more than a late one
     assert relative_error(mm.predict([2]), run([2])) < 0.15
+
+
+def test_additive_costs_never_under_estimate_any_subset_so_additive_choices_fit_the_true_memory():
+    import random
+    from itertools import combinations
+
+    rng = random.Random(3)
+    for _ in range(50):
+        n = rng.randint(1, 6)
+        mm = MemoryModel(step_bytes=rng.uniform(0, 50), grad_state_bytes=[rng.uniform(0, 5) for _ in range(n)],
+                         act_bytes=[rng.uniform(0, 30) for _ in range(n)])
+        add = mm.additive_costs()
+        for k in range(1, n + 1):
+            for layers in combinations(range(n), k):
+                assert mm.step_bytes + sum(add[j] for j in layers) >= mm.predict(layers) * (1 - 1e-12)
+        # equality for a single layer: the paper's c_j is exact when one layer trains
+        assert all(mm.step_bytes + add[j] == pytest.approx(mm.predict([j])) for j in range(n))

@@ -9,7 +9,7 @@ from fedlora.ranks import (TYPE_PROBABILITIES, client_rank_configs, draw_types, 
                            smallest_config)
 
 
-def test_normal_distribution_probabilities_match_the_code_O17():
+def test_normal_distribution_is_the_intended_bell_O17():
     assert normal_type_probabilities() == pytest.approx((0.0575, 0.4425, 0.4425, 0.0575), abs=5e-5)
 
 
@@ -56,3 +56,15 @@ def test_attention_and_mlp_modules_get_their_own_rank():
 def test_bad_rank_settings_fail_at_the_door(overrides, key):
     with pytest.raises(ConfigError, match=key):
         load_config(None, overrides)
+
+
+def test_normal_code_is_flexlora_code_read_literally():
+    """The code applies the bell (5.75, 44.25, 44.25, 5.75 %) to its own type order r8, r200, r30/200, r30: in Table 1
+    order that is r8 5.75 %, r30 5.75 %, r30/200 44.25 %, r200 44.25 % (our 'normal' keeps the middle types likely)."""
+    from fedlora.ranks import TYPE_PROBABILITIES
+
+    code, bell = TYPE_PROBABILITIES["normal_code"], TYPE_PROBABILITIES["normal"]
+    assert code == pytest.approx((0.0575, 0.0575, 0.4425, 0.4425), abs=5e-4)
+    assert bell == pytest.approx((0.0575, 0.4425, 0.4425, 0.0575), abs=5e-4)
+    draws = draw_types("normal_code", 4000, seed=1)
+    assert [draws.count(i) / 4000 for i in range(4)] == pytest.approx(code, abs=0.025)

@@ -50,10 +50,12 @@ class LoraConfig:
     head: str = _f("aggregate", "Task head: 'aggregate' (trained and averaged) or 'frozen' (kept at its seeded init).",
                    choices=("aggregate", "frozen"))
     rank_distribution: str = _f("homogeneous", "Client LoRA ranks: 'homogeneous' (everyone lora.rank), a FlexLoRA "
-                                "resource distribution over lora.rank_types ('uniform', 'heavy_tail_light', 'normal', "
-                                "'heavy_tail_strong'), or 'explicit' (lora.client_ranks).",
-                                choices=("homogeneous", "uniform", "heavy_tail_light", "normal", "heavy_tail_strong",
-                                         "explicit"))
+                                "resource distribution over lora.rank_types ('uniform', 'heavy_tail_light', 'normal' "
+                                "(the intended bell: the middle types most likely), 'normal_code' (FlexLoRA's code "
+                                "read literally: the extreme types most likely), 'heavy_tail_strong'), or 'explicit' "
+                                "(lora.client_ranks).",
+                                choices=("homogeneous", "uniform", "heavy_tail_light", "normal", "normal_code",
+                                         "heavy_tail_strong", "explicit"))
     rank_types: list = _f([[8, 8], [30, 30], [30, 200], [200, 200]],
                           "Configuration types as [attention rank, MLP rank], in FlexLoRA's order (r8, r30, r30/200, "
                           "r200); scale them to the model (FlexLoRA's are for a 2048-wide LLaMA).")
@@ -150,15 +152,20 @@ class EvalConfig:
 
 @dataclass
 class MemoryConfig:
-    budgets: list = _f([], "Client memory budgets for layer-assignment methods (pilot, fedra, topk): training memory "
-                       "above the loaded model, in memory.unit. As many entries as clients (one each), or fewer "
+    budgets: list = _f([], "Client memory budgets for layer-assignment methods (pilot, fedra, randk, topk): training "
+                       "memory above the loaded model, in memory.unit. As many entries as clients (one each), or fewer "
                        "groups that clients are assigned to in turn (client k gets budgets[k % len]).")
     unit: str = _f("fraction", "'fraction' (of the predicted memory of training every layer) or 'mb'.",
                    choices=("fraction", "mb"))
     calibrate: bool = _f(True, "Profile two training steps of the real model in child processes to calibrate the "
                          "memory model (else the analytical prior alone).")
-    position_aware: bool = _f(True, "Knapsack with the exact position-aware cost (earliest trained layer); false = "
-                              "the paper's additive costs.")
+    position_aware: bool = _f(False, "Layer costs for pilot and topk. false (default) = the paper's additive "
+                              "knapsack, c_j = G_j + Act(j) (LoRA gradient and AdamW state of layer j plus the "
+                              "activations from block j up): an over-estimate, always feasible, and the IG-Score "
+                              "trades layers off. true = our exact extension, M_step + sum G_j + Act(earliest trained "
+                              "block): with LoRA it makes the knapsack pick the longest suffix of blocks that fits "
+                              "whatever the IG-Score, i.e. the same blocks as topk. Either way a budget that fits "
+                              "every layer trains every layer.")
     knapsack_unit_mb: float = _f(0.25, "Costs are rounded up to multiples of this (MB) in the knapsack.")
     smallest_for_all: bool = _f(False, "Baseline: every client gets the smallest budget (what the weakest can train).")
 
@@ -168,10 +175,19 @@ class PilotConfig:
     ig_examples: int = _f(32, "Examples per client for the IG-Score gradient norms.")
     score_mix: float = _f(0.5, "lambda: weight of the global IG-Score in the combined score.")
     score_decay: float = _f(0.9, "beta: moving-average decay of the server's global IG-Score.")
-    momentum_share: float = _f(0.5, "kappa: share of the temporal momentum in the STAgg step.")
-    momentum_decay: float = _f(0.5, "gamma: decay of the per-layer momentum.")
-    dwa_max: float = _f(3.0, "w_max: cap of the dynamic weight for under-covered layers.")
-    dwa: bool = _f(True, "Dynamic weight adjustment by layer coverage (false = spatial-temporal only).")
+    momentum_share: float = _f(0.5, "kappa: share of the temporal momentum in the STAgg step "
+                               "(theta += eta_g*[(1-kappa)*w*mean_update + kappa*momentum]); 0 = spatial only, which "
+                               "with every client training every layer is FedAvg.")
+    momentum_decay: float = _f(0.5, "gamma: decay of the per-layer momentum H <- gamma*H + (1-gamma)*mean_update.")
+    momentum_bias_correction: bool = _f(True, "Divide the momentum by (1 - gamma^t) in the step, t = momentum updates "
+                                        "so far (as in Adam), so round 1 of a fully covered layer steps exactly "
+                                        "FedAvg's update; false = the uncorrected momentum (round 1 steps "
+                                        "(1 - kappa*gamma) x FedAvg).")
+    dwa_max: float = _f(3.0, "w_max: cap of the dynamic weight w = min(1/coverage, w_max) of an under-covered layer "
+                        "(coverage = share of the round's clients that trained it); 1 = no boost.")
+    dwa: bool = _f(True, "Dynamic weight adjustment: a layer trained by a share rho of the round's clients gets "
+                   "w = min(1/rho, dwa_max), not renormalised (fully covered layers and the head keep w = 1); false "
+                   "= w = 1 for every trained layer (spatial-temporal only).")
     server_lr: float = _f(1.0, "eta_g: server step size.")
 
 
@@ -188,6 +204,16 @@ class HetLoraConfig:
     penalty: float = _f(1e-3, "Rank self-pruning regulariser weight lambda.")
     gamma: float = _f(0.99, "Rank decay gamma: the tail beyond floor(gamma*r) is penalised and pruned when it shrinks.")
     prune: bool = _f(True, "Let clients drop the tail (r <- floor(gamma*r)) when its norm shrank in a round.")
+    uncovered: str = _f("keep", "A rank index no client of the round covers: 'keep' its previous row of A and column "
+                        "of B (so no component dies), or 'zero' it (plain zero-padding, which no later client can "
+                        "revive).", choices=("keep", "zero"))
+
+
+@dataclass
+class FloraConfig:
+    alpha_per_rank: float = _f(2.0, "FLoRA's scaling convention: alpha_k = alpha_per_rank * r_k, so every client and "
+                               "the stack share s = alpha_per_rank (FLoRA's code: 2); 0 = use lora.alpha for every "
+                               "rank (s_k = lora.alpha / r_k).")
 
 
 @dataclass
@@ -205,6 +231,7 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     flexlora: FlexLoraConfig = field(default_factory=FlexLoraConfig)
     hetlora: HetLoraConfig = field(default_factory=HetLoraConfig)
+    flora: FloraConfig = field(default_factory=FloraConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     pilot: PilotConfig = field(default_factory=PilotConfig)
 
@@ -367,8 +394,8 @@ def validate(cfg: ExperimentConfig) -> None:
     _need(cfg.method in methods, "method", cfg.method, "one of " + ", ".join(methods))
     _need(cfg.rounds >= 1, "rounds", cfg.rounds, "a positive integer")
     _need(cfg.seed >= 0, "seed", cfg.seed, "a non-negative integer")
-    for name in ("model", "lora", "data", "clients", "train", "dp", "robust", "eval", "flexlora", "hetlora", "memory",
-                 "pilot"):
+    for name in ("model", "lora", "data", "clients", "train", "dp", "robust", "eval", "flexlora", "hetlora", "flora",
+                 "memory", "pilot"):
         _check_choices(getattr(cfg, name), f"{name}.")
 
     m = cfg.model
@@ -473,6 +500,9 @@ def validate(cfg: ExperimentConfig) -> None:
     h = cfg.hetlora
     _need(h.penalty >= 0 and math.isfinite(h.penalty), "hetlora.penalty", h.penalty, "a non-negative number")
     _need(0 < h.gamma < 1, "hetlora.gamma", h.gamma, "in (0, 1)")
+    fl = cfg.flora
+    _need(fl.alpha_per_rank >= 0 and math.isfinite(fl.alpha_per_rank), "flora.alpha_per_rank", fl.alpha_per_rank,
+          "a non-negative finite number (0 = use lora.alpha)")
     _need(cfg.eval.max_client_examples >= 0, "eval.max_client_examples", cfg.eval.max_client_examples,
           "a non-negative integer")
 
@@ -485,7 +515,7 @@ def _rank_entry_ok(entry: Any) -> bool:
 
 
 def _check_ranks(lo: LoraConfig) -> None:
-    if lo.rank_distribution in ("uniform", "heavy_tail_light", "normal", "heavy_tail_strong"):
+    if lo.rank_distribution in ("uniform", "heavy_tail_light", "normal", "normal_code", "heavy_tail_strong"):
         _need(len(lo.rank_types) == 4, "lora.rank_types", lo.rank_types,
               "4 configuration types (FlexLoRA's distributions are defined over 4), each [attention, MLP] ranks")
     for i, entry in enumerate(lo.rank_types):

@@ -1,4 +1,4 @@
-"""Fed-piLot layer assignment as a 0/1 knapsack (algorithms.md §3.3 steps 1 and 3; oracles O24–O26). Pure Python.
+"""Fed-piLot layer assignment as a 0/1 knapsack (docs/methods.md §14; oracles O24–O26). Pure Python.
 
 Each client trains the subset of LoRA layers that maximises ``Σ_j m_j v_j`` (``v_j`` the combined IG-Score) subject
 to its memory budget.  The solver, the rounding and the tie-breaking are a PROPOSAL (the paper's solver is
@@ -12,9 +12,12 @@ lower total cost (the rounded cost for the DP solvers, the true cost for :func:`
 lexicographically smallest tuple of layer indices.  Layers with value ``<= 0`` are never chosen.  Ties are exact
 floating-point ties; they are recognised reliably for values on a common dyadic grid (integers, halves, ...).
 
-Two cost models (§3.3 step 1): *additive* ``Σ_j c_j`` (:func:`solve_01`, the paper's knapsack form) and
-*position-aware* ``M(e) + Σ_j c_j`` with ``e`` the earliest chosen layer (:func:`solve_position_aware`), because
-backpropagation must reach layer ``e`` and keep the activations from ``e`` upward.
+Two cost models: *additive* ``Σ_j c_j`` (:func:`solve_01`, the paper's knapsack form and the default
+of the layer-assignment methods, ``memory.position_aware = false``) and *position-aware* ``M(e) + Σ_j c_j`` with ``e``
+the earliest chosen layer (:func:`solve_position_aware`, our exact extension), because backpropagation must reach
+layer ``e`` and keep the activations from ``e`` upward.  With LoRA the per-layer ``c_j`` are tiny next to ``M(e)``,
+so with every value positive the position-aware optimum is in practice the longest suffix of layers that fits: the
+values then never change the choice, which is why it is an option and not the default.
 """
 from __future__ import annotations
 
@@ -125,7 +128,7 @@ def _sub_knapsack(values: list[float], weights: list[int], items: list[int], roo
 
 
 def solve_01(values: Sequence[float], costs: Sequence[float], capacity: float, unit: float) -> Assignment:
-    """Exact 0/1 knapsack (§3.3 step 3) by DP over ``floor(capacity/unit)`` cells with costs rounded up to ``unit``.
+    """Exact 0/1 knapsack by DP over ``floor(capacity/unit)`` cells with costs rounded up to ``unit``.
 
     Time ``O(l · capacity/unit)``; the cell count is capped by ``Σ`` rounded costs, and above ``MAX_CELLS`` cells a
     ``ValueError`` asks for a coarser unit.  ``capacity < 0`` gives the empty assignment."""
@@ -140,7 +143,7 @@ def solve_01(values: Sequence[float], costs: Sequence[float], capacity: float, u
 
 def solve_position_aware(values: Sequence[float], costs: Sequence[float], prefix_costs: Sequence[float],
                          capacity: float, unit: float) -> Assignment:
-    """Exact knapsack for the cost ``M(e) + Σ_j c_j`` (§3.3 step 1, exact variant), ``e`` the earliest chosen layer
+    """Exact knapsack for the cost ``M(e) + Σ_j c_j`` (the exact variant), ``e`` the earliest chosen layer
     and ``M(e) = prefix_costs[e]``: for each ``e`` force ``e`` in and solve :func:`solve_01`'s DP over the layers
     ``> e`` with ``capacity − M(e) − c_e``.  ``M`` need not be monotone.  The empty choice costs 0."""
     vals, cs, capacity, prefix = _check(values, costs, capacity, prefix_costs)

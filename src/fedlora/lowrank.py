@@ -67,14 +67,24 @@ def svd_of_weighted_sum(Bs: list[Tensor], As: list[Tensor], coeffs: list[float],
     return U[:, :k], S[:k], Vh[:k]
 
 
-def truncate(U: Tensor, S: Tensor, Vh: Tensor, rank: int, scale: float, split: str = "B") -> tuple[Tensor, Tensor]:
+def truncate(U: Tensor, S: Tensor, Vh: Tensor, rank: int, scale: float, split: str = "B",
+             seed: int = 0) -> tuple[Tensor, Tensor]:
     """FlexLoRA redistribution (§2.2 step 4): ``(B, A)`` with ``scale·B@A = U_r diag(S_r) Vh_r``.
     ``split="B"``: ``B = U_r S_r / s``, ``A = Vh_r`` (the official code); ``"sqrt"``: ``√S_r`` on each side, each
-    divided by ``√s``.  Ranks beyond ``len(S)`` are zero columns of B and zero rows of A."""
+    divided by ``√s``.
+
+    A rank beyond ``len(S)`` (the client holds more components than the stored update has) gets zero columns of B
+    and *orthonormal* rows of A that complete ``Vh_r`` (:func:`orthonormal_completion`, seeded by ``seed``), under
+    both splits: the product is unchanged and every component can train (B's column receives a gradient through
+    A's non-zero row; A's row once B's column has moved).  This is what the official code's full SVD does (its
+    ``min(d_out, d_in)`` components carry null-space singular vectors with singular value ≈ 0); zero rows of A would
+    leave those components without a gradient in either factor, forever."""
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; one of {', '.join(SPLITS)}")
+    if rank > Vh.shape[1]:
+        raise ValueError(f"rank {rank} exceeds d_in = {Vh.shape[1]}")
     k = min(rank, S.shape[0])
     U_r, S_r, Vh_r = U[:, :k], S[:k], Vh[:k]
     if split == "B":
@@ -82,7 +92,26 @@ def truncate(U: Tensor, S: Tensor, Vh: Tensor, rank: int, scale: float, split: s
     else:
         root = S_r.sqrt() / math.sqrt(scale)
         B, A = U_r * root, root[:, None] * Vh_r
-    return zero_pad(B, A, rank)
+    if rank == k:
+        return B, A
+    return (torch.cat([B, B.new_zeros(B.shape[0], rank - k)], dim=1),
+            torch.cat([A, orthonormal_completion(Vh_r, rank - k, seed)], dim=0))
+
+
+def orthonormal_completion(Vh: Tensor, extra: int, seed: int = 0) -> Tensor:
+    """``extra`` unit-norm rows, orthogonal to each other and to the rows of ``Vh`` (assumed orthonormal): seeded
+    Gaussian rows, projected off ``Vh`` twice (re-orthogonalisation) and orthonormalised by QR, in float64."""
+    d_in = Vh.shape[1]
+    if Vh.shape[0] + extra > d_in:
+        raise ValueError(f"cannot complete {Vh.shape[0]} rows with {extra} more in dimension {d_in}")
+    g = torch.Generator().manual_seed(int(seed) % (2**63))
+    X = torch.randn(extra, d_in, generator=g, dtype=torch.float64)
+    V = Vh.detach().to(torch.float64)
+    for _ in range(2):
+        X = X - (X @ V.T) @ V
+        Q, R = torch.linalg.qr(X.T)
+        X = Q.T * torch.sign(torch.diagonal(R)).where(torch.diagonal(R) != 0, torch.ones(())).unsqueeze(1)
+    return X.to(Vh.dtype).contiguous()
 
 
 def zero_pad(B: Tensor, A: Tensor, rank: int) -> tuple[Tensor, Tensor]:

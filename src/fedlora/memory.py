@@ -14,6 +14,10 @@ LoRA tensors to run one training step.  For a set S of trained LoRA layers (tran
   knapsack gets ``Act(e)`` as a prefix cost (:func:`fedlora.knapsack.solve_position_aware`), or, in the paper's
   additive form, ``c_j = G_j + Act(j)`` (an over-estimate: always feasible).
 
+A *sub-model* (FedRA: only the blocks of S run, the others are skipped) needs no activations for the skipped blocks
+and backpropagates through S only: ``M_sub(S) = M_step + Σ_{j∈S} (G_j + a_j)``
+(:meth:`MemoryModel.predict_submodel`).
+
 ``a_j`` and ``M_step`` come from an analytical estimate scaled by a calibration: one training step of the real model is
 profiled in child processes training only the last layer and only the first layer (peak resident memory above the
 idle model, from ``/proc/self/status`` after resetting the high-water mark; on a GPU ``torch.cuda.max_memory_allocated``
@@ -54,6 +58,16 @@ class MemoryModel:
         if not layers:
             return 0.0
         return self.step_bytes + sum(self.grad_state_bytes[j] for j in layers) + self.prefix_costs()[layers[0]]
+
+    def predict_submodel(self, layers) -> float:
+        """Predicted training memory of the *sub-model* made of the blocks ``layers`` alone (FedRA): the other blocks
+        are skipped, so they hold no activations and backpropagation stops at the first kept block;
+        ``M_sub(S) = M_step + Σ_{j∈S} (G_j + a_j)``, additive over the blocks (0 when empty: no step).  Never more
+        than :meth:`predict` of the same set, equal to it for every layer (or a top run of layers)."""
+        layers = sorted(set(layers))
+        if not layers:
+            return 0.0
+        return self.step_bytes + sum(self.grad_state_bytes[j] + self.act_bytes[j] for j in layers)
 
     def additive_costs(self) -> list[float]:
         """The paper's additive knapsack weights ``c_j = G_j + Act(j)`` (over-estimates, so always feasible)."""

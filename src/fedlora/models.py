@@ -170,25 +170,35 @@ def check_ranks(shapes: dict[str, tuple[int, int]], ranks: dict[str, int], what:
                              f"rank must be at most min(d_out, d_in) = {min(d_out, d_in)}")
 
 
-def _lora_config(lora_cfg, task_type: str, ranks: dict[str, int] | None, alphas: dict[str, float] | None = None):
+def _lora_config(lora_cfg, task_type: str, ranks: dict[str, int] | None, alphas: dict[str, float] | None = None,
+                 alpha_per_rank: float = 0.0):
+    """PEFT's ``LoraConfig``: per-module ranks and alphas as ``rank_pattern``/``alpha_pattern``.  ``alpha_per_rank``
+    > 0 gives every module ``alpha = alpha_per_rank · r`` (FLoRA's convention, scale ``alpha_per_rank`` whatever
+    the rank) instead of ``lora.alpha``."""
     from peft import LoraConfig, TaskType
 
     base_rank = lora_cfg.rank if not ranks else max(ranks.values())
+    base_alpha = lora_cfg.alpha
+    if alpha_per_rank > 0:
+        base_alpha = alpha_per_rank * base_rank
+        alphas = {n: alpha_per_rank * r for n, r in (ranks or {}).items()}
     rank_pattern = {re.escape(n): r for n, r in (ranks or {}).items() if r != base_rank}
-    alpha_pattern = {re.escape(n): a for n, a in (alphas or {}).items() if a != lora_cfg.alpha}
-    return LoraConfig(r=base_rank, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+    alpha_pattern = {re.escape(n): a for n, a in (alphas or {}).items() if a != base_alpha}
+    return LoraConfig(r=base_rank, lora_alpha=base_alpha, lora_dropout=lora_cfg.dropout,
                       target_modules=list(lora_cfg.target_modules), rank_pattern=rank_pattern,
                       alpha_pattern=alpha_pattern, task_type=getattr(TaskType, task_type))
 
 
-def inject_lora(model: nn.Module, lora_cfg, task_type: str = "SEQ_CLS", ranks: dict[str, int] | None = None):
+def inject_lora(model: nn.Module, lora_cfg, task_type: str = "SEQ_CLS", ranks: dict[str, int] | None = None,
+                alpha_per_rank: float = 0.0):
     """Wrap ``model`` with a PEFT LoRA adapter named ``default`` (per-module ``ranks`` through PEFT's
-    ``rank_pattern``, else ``lora.rank`` everywhere); fails if a target module matches nothing or a rank is too big."""
+    ``rank_pattern``, else ``lora.rank`` everywhere); fails if a target module matches nothing or a rank is too big.
+    ``alpha_per_rank`` > 0: ``alpha = alpha_per_rank · r`` per module (see :func:`_lora_config`)."""
     from peft import get_peft_model
 
     shapes = target_shapes(model, lora_cfg)
     check_ranks(shapes, ranks or {n: lora_cfg.rank for n in shapes})
-    peft_model = get_peft_model(model, _lora_config(lora_cfg, task_type, ranks))
+    peft_model = get_peft_model(model, _lora_config(lora_cfg, task_type, ranks, alpha_per_rank=alpha_per_rank))
     for p in peft_model.parameters():
         p.requires_grad_(False)
     return peft_model
@@ -204,8 +214,9 @@ class AdapterPool:
     storage for its factors (see :meth:`_hold_only`), and no optimiser state outlives a client's local work.
     """
 
-    def __init__(self, peft_model, lora_cfg, task_type: str, max_adapters: int = 8):
+    def __init__(self, peft_model, lora_cfg, task_type: str, max_adapters: int = 8, alpha_per_rank: float = 0.0):
         self.model, self.lora_cfg, self.task_type, self.max_adapters = peft_model, lora_cfg, task_type, max_adapters
+        self.alpha_per_rank = alpha_per_rank
         default = LoraSlots.of(peft_model, "default")
         self._names: dict[tuple, str] = {self._key(default.ranks()): "default"}
         self._order: list[tuple] = list(self._names)
@@ -222,7 +233,8 @@ class AdapterPool:
         if key not in self._names:
             check_ranks(self.shapes, ranks)
             name = f"ranks{len(self._order)}_{abs(hash(key)) % 10**8}"
-            self.model.add_adapter(name, _lora_config(self.lora_cfg, self.task_type, ranks))
+            self.model.add_adapter(name, _lora_config(self.lora_cfg, self.task_type, ranks,
+                                                      alpha_per_rank=self.alpha_per_rank))
             self._names[key] = name
             self._order.append(key)
             while len(self._order) > self.max_adapters:

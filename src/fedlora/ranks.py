@@ -9,7 +9,11 @@ the model: FlexLoRA's ranks are for a 2048-wide LLaMA).  The distributions follo
 * ``uniform``: each type with probability 1/4;
 * ``heavy_tail_light``: 80 % r8, 5 % r30, 5 % r30/200, 10 % r200;
 * ``heavy_tail_strong``: 5 % r8, 5 % r30, 10 % r30/200, 80 % r200;
-* ``normal``: the N(1.5, 0.7) density at type positions 0..3, normalised (5.75 %, 44.25 %, 44.25 %, 5.75 %).
+* ``normal``: the N(1.5, 0.7) density at type positions 0..3, normalised (5.75 %, 44.25 %, 44.25 %, 5.75 %): the
+  intended bell over the types in Table 1 order, the middle types most likely (our reading of the paper);
+* ``normal_code``: FlexLoRA's code read literally.  It applies the same four probabilities to its own list of types,
+  whose order is r8, r200, r30/200, r30 (the index is used as the type), so it draws r8 5.75 %, r30 5.75 %,
+  r30/200 44.25 %, r200 44.25 %: the largest types most likely.  Offered to reproduce the released runs.
 
 ``explicit`` takes one entry per client from ``lora.client_ranks``; ``homogeneous`` gives everyone ``lora.rank``.
 """
@@ -34,6 +38,8 @@ TYPE_PROBABILITIES: dict[str, tuple[float, ...]] = {
     "heavy_tail_light": (0.80, 0.05, 0.05, 0.10),
     "heavy_tail_strong": (0.05, 0.05, 0.10, 0.80),
     "normal": normal_type_probabilities(),
+    # the code's type order is r8, r200, r30/200, r30: its bell's probabilities land on these types
+    "normal_code": tuple(normal_type_probabilities()[i] for i in (0, 3, 2, 1)),
 }
 
 

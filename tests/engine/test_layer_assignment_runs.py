@@ -81,3 +81,45 @@ def test_layer_methods_need_budgets():
     with pytest.raises(ConfigError, match="memory.budgets"):
         prepare(load_config(None, ["method=pilot", "data.max_train_examples=60", "clients.num=3",
                                    "clients.partition=iid"]))
+
+
+# ------------------------------------------------------------------------------- FedRA (sub-model) versus random-k
+@pytest.fixture(scope="module")
+def randk_run(tmp_path_factory):
+    return run_experiment(_cfg("randk"), out_dir=tmp_path_factory.mktemp("randk") / "run", progress=False,
+                          log=lambda *_: None)
+
+
+def _memory_model(run_dir):
+    from fedlora.memory import MemoryModel
+
+    mm = json.loads((run_dir / "clients.json").read_text())["memory_model"]
+    return MemoryModel(mm["step_mb"], mm["per_layer_grad_and_optimiser_mb"], mm["per_layer_activation_mb"])
+
+
+def test_randk_trains_random_layers_that_fit_inside_the_full_depth_model(randk_run):
+    from fedlora.report import read_metrics
+
+    mm = _memory_model(randk_run.run_dir)
+    for r in read_metrics(randk_run.run_dir):
+        for cid, ls in r["layers_trained"].items():
+            assert r["memory_predicted_mb_per_client"][cid] == pytest.approx(mm.predict(ls))
+    assert json.loads((randk_run.run_dir / "summary.json").read_text())["method"] == "randk"
+
+
+def test_fedra_trains_sub_models_that_fit_and_reach_below_the_blocks_randk_can_afford(runs, randk_run):
+    """Same seed, same budgets: FedRA's predicted memory is the sub-model's, it gets at least as many blocks as
+    random-k, and its small client draws blocks random-k cannot afford at full depth (the activations of every block
+    above them)."""
+    from fedlora.report import read_metrics
+
+    mm = _memory_model(runs["fedra"].run_dir)
+    fedra_rows, randk_rows = read_metrics(runs["fedra"].run_dir), read_metrics(randk_run.run_dir)
+    lowest_fedra, lowest_randk = 6, 6
+    for f, k in zip(fedra_rows, randk_rows, strict=True):
+        for cid, ls in f["layers_trained"].items():
+            assert f["memory_predicted_mb_per_client"][cid] == pytest.approx(mm.predict_submodel(ls))
+            assert len(ls) >= len(k["layers_trained"][cid])
+        lowest_fedra = min(lowest_fedra, *f["layers_trained"]["0"])
+        lowest_randk = min(lowest_randk, *k["layers_trained"]["0"])
+    assert lowest_fedra < lowest_randk

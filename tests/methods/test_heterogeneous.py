@@ -177,7 +177,7 @@ def test_hetlora_prune_report_shrinks_the_clients_rank_next_round():
 # ---------------------------------------------------------------- FLoRA
 def test_flora_stacks_exactly_merges_and_restarts_fresh_O20():
     ranks = [1, 2, 3]
-    m, state = _method("flora", ranks)
+    m, state = _method("flora", ranks, "flora.alpha_per_rank=0")  # s_k = alpha / r_k, as _target assumes
     updates = [_random_update(k, r, 10 * (k + 1), seed=50 + k) for k, r in enumerate(ranks)]
     state = m.aggregate(1, state, updates)
     delta = m.base_delta(state)
@@ -188,6 +188,7 @@ def test_flora_stacks_exactly_merges_and_restarts_fresh_O20():
     # fresh LoRA: nothing of the adapter is downloaded, the stack is merged; a new seed per round
     assert all(p.download == {} for p in plans)
     assert plans[0].config["init_seed"] != m.configure(3, state, [0])[0].config["init_seed"]
+    assert len({p.config["init_seed"] for p in plans}) == 3  # each client its own fresh A, as FLoRA's code
     merge = plans[0].merge
     torch.testing.assert_close(merge["m1.stack_B"] @ merge["m1.stack_A"], delta["m1"], rtol=1e-10, atol=1e-12)
     # second round accumulates
@@ -229,3 +230,120 @@ def test_flexlora_streaming_aggregation_equals_the_batch_rule():
         streamed, batch = m.finish(1, state, acc), m.aggregate(1, state, updates)
         for name in SHAPES:
             torch.testing.assert_close(_product(streamed, name), _product(batch, name), rtol=1e-9, atol=1e-11)
+
+
+def test_flora_default_scale_is_two_at_every_rank_as_flora_code():
+    """FLoRA's code sets alpha_k = 2 r_k: the stack is Σ p_k · 2 · B_k A_k whatever the ranks (not Σ p_k α/r_k B_k A_k),
+    and the engine's LoRA layers train with alpha = 2r (scale 2)."""
+    ranks = [2, 5]
+    m, state = _method("flora", ranks)
+    updates = [_random_update(k, r, 3 + k, seed=90 + k) for k, r in enumerate(ranks)]
+    state = m.aggregate(1, state, updates)
+    total = sum(u.num_examples for u in updates)
+    for name in SHAPES:
+        want = sum(u.num_examples / total * 2.0 * u.tensors[name + B_SUFFIX] @ u.tensors[name + A_SUFFIX]
+                   for u in updates)
+        torch.testing.assert_close(m.base_delta(state)[name], want, rtol=1e-10, atol=1e-12)
+    assert get_method("flora").alpha_per_rank(load_config(None, ["method=flora"])) == 2.0
+    assert get_method("flexlora").alpha_per_rank(load_config(None, ["method=flexlora"])) == 0.0
+
+
+def test_alpha_per_rank_gives_peft_layers_alpha_proportional_to_rank():
+    from fedlora.models import AdapterPool, inject_lora
+    from tests.conftest import lora_cfg, tiny_bert
+
+    cfg = lora_cfg(rank=4, alpha=16.0, targets=("query", "value"))
+    model = inject_lora(tiny_bert(), cfg, ranks=None, alpha_per_rank=2.0)
+    pool = AdapterPool(model, cfg, "SEQ_CLS", alpha_per_rank=2.0)
+    assert set(pool.slots({n: 4 for n in pool.shapes}).alphas.values()) == {8.0}
+    names = sorted(pool.shapes)
+    mixed = pool.slots({n: (3 if i % 2 else 6) for i, n in enumerate(names)})
+    assert {n: mixed.alphas[n] for n in names} == {n: (6.0 if i % 2 else 12.0) for i, n in enumerate(names)}
+    spec = FederationSpec({"m1": (4, 4)}, {0: {"m1": 3}}, 16.0, seed=0, alpha_per_rank=2.0)
+    assert spec.initial(0).modules["m1"].alpha == 6.0 and spec.scale_of(3) == 2.0
+    plain = AdapterPool(inject_lora(tiny_bert(), cfg), cfg, "SEQ_CLS")
+    assert set(plain.slots({n: 2 for n in plain.shapes}).alphas.values()) == {16.0}
+
+
+# ---------------------------------------------------------------- components that must stay trainable
+def _hetlora_rounds(uncovered):
+    """Round 1: clients of rank 2, 4, 8; round 2: only ranks 2 and 4.  Returns (method, state after round 1,
+    state after round 2)."""
+    m, state = _method("hetlora", [2, 4, 8], f"hetlora.uncovered={uncovered}", "hetlora.weighting=data")
+    one = m.aggregate(1, state, [_random_update(k, r, 5, seed=100 + k) for k, r in enumerate([2, 4, 8])])
+    two = m.aggregate(2, one, [_random_update(k, r, 5, seed=110 + k) for k, r in enumerate([2, 4])])
+    return m, one, two
+
+
+def test_hetlora_keeps_rank_indices_no_client_of_the_round_covers():
+    m, one, two = _hetlora_rounds("keep")
+    for name in SHAPES:
+        torch.testing.assert_close(two.adapter.modules[name].A[4:], one.adapter.modules[name].A[4:], rtol=0, atol=0)
+        torch.testing.assert_close(two.adapter.modules[name].B[:, 4:], one.adapter.modules[name].B[:, 4:], rtol=0,
+                                   atol=0)
+    plan = m.configure(3, two, [2])[0]  # the rank-8 client comes back: every component is alive
+    for name in SHAPES:
+        assert (plan.download[name + A_SUFFIX].norm(dim=1) > 0).all()
+        assert (plan.download[name + B_SUFFIX].norm(dim=0) > 0).all()
+
+
+def test_hetlora_zero_option_is_plain_zero_padding():
+    m, one, two = _hetlora_rounds("zero")
+    plan = m.configure(3, two, [2])[0]
+    for name in SHAPES:
+        assert not plan.download[name + A_SUFFIX][4:].any() and not plan.download[name + B_SUFFIX][:, 4:].any()
+        assert (plan.download[name + A_SUFFIX][:4].norm(dim=1) > 0).all()
+
+
+def test_hetlora_uncovered_before_the_first_aggregation_keeps_the_fresh_init():
+    """Round 1 with only the rank-2 client: the rank-8 client later starts indices 2..7 from exactly its fresh init."""
+    m, state = _method("hetlora", [2, 8])
+    init = state.adapter.clone()
+    state = m.aggregate(1, state, [_random_update(0, 2, 5, seed=120)])
+    plan = m.configure(2, state, [1])[0]
+    for name in SHAPES:
+        torch.testing.assert_close(plan.download[name + A_SUFFIX][2:], init.modules[name].A[2:], rtol=1e-12, atol=0)
+        assert not plan.download[name + B_SUFFIX][:, 2:].any()
+
+
+@pytest.mark.parametrize("split", ["B", "sqrt"])
+def test_flexlora_client_above_the_stored_rank_trains_every_component_on_a_real_batch(split):
+    """Round 1 aggregates a rank-2 client only (stored rank R = 2); the rank-16 client's round-2 download must let it
+    train all 16 components: every column of B gets a gradient on a real SST-2 batch of the bundled MiniLM, and
+    after one SGD step every row of A does.  (Zero rows of A, the old padding, give 14 dead components.)"""
+
+    from fedlora.data.tasks import ClassificationTask
+    from fedlora.models import LoraSlots, inject_lora, load_classifier, target_shapes
+
+    cfg = load_config(None, ["method=flexlora", "lora.rank_distribution=explicit", "lora.client_ranks=[2, 16]",
+                             "clients.num=2", f"flexlora.svd_split={split}", "data.max_train_examples=64"])
+    tokenizer, base = load_classifier(cfg.model, 2, 0)
+    shapes = target_shapes(base, cfg.lora)
+    model = inject_lora(base, cfg.lora, "SEQ_CLS", ranks={n: 16 for n in shapes})
+    slots = LoraSlots.of(model)
+    spec = FederationSpec(slots.shapes, {0: {n: 2 for n in shapes}, 1: {n: 16 for n in shapes}}, cfg.lora.alpha,
+                          seed=0, head=slots.head())
+    m = get_method("flexlora")(cfg, spec)
+    state = m.init_state(spec.initial(ranks=spec.global_ranks()))
+    g = torch.Generator().manual_seed(7)
+    small = {}
+    for name, (d_out, d_in) in slots.shapes.items():
+        small[name + B_SUFFIX] = torch.randn(d_out, 2, generator=g) * 0.01
+        small[name + A_SUFFIX] = torch.randn(2, d_in, generator=g) / d_in ** 0.5
+    state = m.aggregate(1, state, [Update(0, 10, small)])
+    plan = m.configure(2, state, [1])[0]
+    slots.load(spec.initial(1).with_tensors(plan.download))
+    params = slots.set_trainable(frozenset({"lora_A", "lora_B"}))
+    task = ClassificationTask(cfg.data, seed=0)
+    examples = task.tokenise(tokenizer, task.train_rows, task.train_labels, 32)
+    batch = examples.batch(list(range(16)))
+    model.train()
+    task.loss(model, batch).backward()
+    for name in slots.shapes:
+        assert (slots.params[name + B_SUFFIX].grad.norm(dim=0) > 0).all(), name
+    torch.optim.SGD(params, lr=0.5).step()
+    for p in params:
+        p.grad = None
+    task.loss(model, batch).backward()
+    for name in slots.shapes:
+        assert (slots.params[name + A_SUFFIX].grad.norm(dim=1) > 0).all(), name

@@ -14,6 +14,7 @@ fails in seconds with a clear message.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -38,7 +39,7 @@ from fedlora.config import ExperimentConfig, from_toml, to_dict, to_toml
 from fedlora.data.partition import partition, split_local
 from fedlora.data.tasks import ClassificationTask
 from fedlora.errors import ConfigError, UpdateError
-from fedlora.layers import block_index, modules_of
+from fedlora.layers import block_index, modules_of, submodel
 from fedlora.memory import release_freed_memory, return_large_frees_promptly
 from fedlora.methods import get_method
 from fedlora.methods.base import FederationSpec, ServerState, Update
@@ -334,10 +335,12 @@ def build_engine(prepared: Prepared, log=print) -> Engine:
         what = "lora.rank" if cfg.lora.rank_distribution == "homogeneous" else f"client rank type {describe_config(config)}"
         check_ranks(shapes, module_ranks(config, shapes, cfg.lora.mlp_modules), what)
     global_ranks = {n: max(r[n] for r in client_ranks.values()) for n in shapes}
-    model = inject_lora(base_model, cfg.lora, task_type, ranks=global_ranks)
-    pool = AdapterPool(model, cfg.lora, task_type)
+    alpha_per_rank = get_method(cfg.method).alpha_per_rank(cfg)
+    model = inject_lora(base_model, cfg.lora, task_type, ranks=global_ranks, alpha_per_rank=alpha_per_rank)
+    pool = AdapterPool(model, cfg.lora, task_type, alpha_per_rank=alpha_per_rank)
     slots = pool.slots(global_ranks)
-    spec = FederationSpec(slots.shapes, client_ranks, cfg.lora.alpha, cfg.seed, head=slots.head())
+    spec = FederationSpec(slots.shapes, client_ranks, cfg.lora.alpha, cfg.seed, head=slots.head(),
+                          alpha_per_rank=alpha_per_rank)
     if get_method(cfg.method).needs_memory_model:
         _attach_memory_model(spec, model, prepared, task_type, log)
     L = cfg.model.max_length
@@ -701,7 +704,9 @@ def client_work(eng: Engine, plan, t: int, method=None) -> tuple[bytes, Update]:
         plan = dataclasses.replace(plan, modules=modules_of(layers, eng.spec.layer_groups))
     if plan.modules is not None:
         report["layers"] = sorted({block_index(m) for m in plan.modules})
-        report["memory_predicted_mb"] = eng.spec.memory.predict(report["layers"]) / 1e6
+        mm = eng.spec.memory  # FedRA's sub-model skips the blocks it did not draw: its own memory model
+        report["memory_predicted_mb"] = (mm.predict_submodel if plan.config.get("submodel") else mm.predict)(
+            report["layers"]) / 1e6
     if plan.modules is not None and not plan.modules and not (plan.train & {"head"}):
         update = Update(plan.client_id, len(eng.client_train[plan.client_id]), {},
                         {"loss": float("nan"), "skipped": 1.0, "steps": 0.0})  # nothing fits its budget: sits out
@@ -711,10 +716,11 @@ def client_work(eng: Engine, plan, t: int, method=None) -> tuple[bytes, Update]:
         slots.load(eng.initial_for(ranks, seed).with_tensors(plan.download))
         plan = dataclasses.replace(plan, download={})
         rss_before = _peak_reset() if plan.modules is not None else None
-        update = train_client(model=eng.model, slots=slots, initial=None, plan=plan,
-                              examples=eng.client_train[plan.client_id], loss_fn=task.loss, train_cfg=cfg.train,
-                              round_idx=t, seed=cfg.seed, privacy=eng.prepared.privacy.get(plan.client_id),
-                              accountant=None, secure_rng=cfg.dp.secure_rng)
+        with (submodel(eng.model, report["layers"]) if plan.config.get("submodel") else contextlib.nullcontext()):
+            update = train_client(model=eng.model, slots=slots, initial=None, plan=plan,
+                                  examples=eng.client_train[plan.client_id], loss_fn=task.loss, train_cfg=cfg.train,
+                                  round_idx=t, seed=cfg.seed, privacy=eng.prepared.privacy.get(plan.client_id),
+                                  accountant=None, secure_rng=cfg.dp.secure_rng)
         if rss_before is not None:
             report["memory_measured_mb"] = (_peak_rss() - rss_before) / 1e6
     update.report.update(report)

@@ -82,6 +82,17 @@ class FederationSpec:
     """Layer-assignment methods: the :class:`fedlora.memory.MemoryModel` of one client training step."""
     budgets: dict[int, float] = field(default_factory=dict)
     """Layer-assignment methods: each client's training-memory budget in bytes."""
+    alpha_per_rank: float = 0.0
+    """> 0: every module's alpha is ``alpha_per_rank · r`` (FLoRA's convention), so the scale is the same at every
+    rank; 0: ``alpha`` for every rank (``s = alpha / r``)."""
+
+    def alpha_of(self, rank: int) -> float:
+        """The LoRA alpha a module of this rank trains with."""
+        return self.alpha_per_rank * rank if self.alpha_per_rank > 0 else self.alpha
+
+    def scale_of(self, rank: int) -> float:
+        """The LoRA scale ``s = alpha / r`` a module of this rank trains with."""
+        return self.alpha_of(rank) / rank
 
     def initial(self, client_id: int | None = None, ranks: dict[str, int] | None = None,
                 seed: int | None = None) -> Adapter:
@@ -89,7 +100,11 @@ class FederationSpec:
 
         if ranks is None:
             ranks = self.client_ranks[client_id] if client_id is not None else self.global_ranks()
-        return initial_adapter(self.shapes, ranks, self.alpha, self.seed if seed is None else seed, head=self.head)
+        adapter = initial_adapter(self.shapes, ranks, self.alpha, self.seed if seed is None else seed, head=self.head)
+        if self.alpha_per_rank > 0:
+            for module in adapter.modules.values():
+                module.alpha = self.alpha_of(module.rank)
+        return adapter
 
     def global_ranks(self) -> dict[str, int]:
         """Per module, the largest rank any client uses."""
@@ -183,6 +198,12 @@ class Method(ABC):
     def export_adapter(self, state: ServerState) -> Adapter:
         """The whole learned update as one PEFT adapter (what ``adapter/`` holds at the end of a run)."""
         return self.global_adapter(state)
+
+    @classmethod
+    def alpha_per_rank(cls, cfg: Any) -> float:
+        """The engine's LoRA alpha rule for this method: 0 = ``lora.alpha`` at every rank (``s = alpha / r``);
+        c > 0 = ``alpha = c·r`` (the same scale c at every rank; FLoRA's convention)."""
+        return 0.0
 
     def head_roles(self) -> frozenset[str]:
         return frozenset({"head"}) if getattr(self.cfg.lora, "head", "aggregate") == "aggregate" else frozenset()

@@ -7,7 +7,13 @@ Each client k trains both factors at its own per-module rank ``r_k(m)`` with ``s
 weighted ``Aᵀ`` stack, SVD of the small core; :func:`fedlora.lowrank.factored_svd`) whenever ``Σ r_k`` is below
 ``min(d_out, d_in)``, and from the dense matrix otherwise.  Client k then restarts from the best rank-``r_k``
 approximation (Eckart–Young, step 4): ``B = U_r Σ_r / s_k``, ``A = V_rᵀ`` (``flexlora.svd_split = "B"``, the code), or
-``√Σ`` on each side (``"sqrt"``, an ablation).
+``√Σ`` on each side (``"sqrt"``, an ablation).  A client whose rank exceeds the stored rank R (R = Σ r of the previous
+round's clients can be smaller than a large client's rank) gets B's extra columns at zero and A's extra rows as a
+seeded orthonormal completion of ``V_rᵀ``, as the official code's full SVD gives (null-space singular vectors with
+σ ≈ 0): the product is the truncated SVD and the client trains every one of its ``r_k`` components
+(:func:`fedlora.lowrank.truncate`).  The completion is seeded by (run seed, round, module), so every client of a
+rank configuration gets the same download; the official code's null-space vectors are whatever LAPACK returns:
+ours are another orthonormal set in the same null space (equally arbitrary; the products are equal).
 
 Our resolutions (§2.5): the evaluated and exported global model is the full ``W0 + ΔW`` (the unseen-task metric),
 not a client's truncation; the server state is ``ΔW``'s SVD stored as an adapter of rank ``R = min(Σ r_k, d)`` with
@@ -17,13 +23,15 @@ rank 8, §2.3) is not reproduced: clients really train at their own ranks.
 """
 from __future__ import annotations
 
+import zlib
+
+import numpy as np
 import torch
 from torch import Tensor
 
 from fedlora.adapters import A_SUFFIX, B_SUFFIX, ROLE_A, ROLE_B, ROLE_HEAD, Adapter, LoraModule, role_of
-from fedlora.lowrank import svd_of_weighted_sum, truncate
-from fedlora.methods.base import (ClientPlan, Method, ServerState, Update, average_head, client_factors, data_weights,
-                                  register)
+from fedlora.lowrank import dense_svd, factored_svd, stack_factors, truncate
+from fedlora.methods.base import ClientPlan, Method, ServerState, Update, register
 
 
 def svd_form(module: LoraModule) -> tuple[Tensor, Tensor, Tensor]:
@@ -34,17 +42,17 @@ def svd_form(module: LoraModule) -> tuple[Tensor, Tensor, Tensor]:
     return U, S, module.A
 
 
-def aggregate_module(Bs: list[Tensor], As: list[Tensor], weights: list[float], scales: list[float],
-                     path: str = "auto") -> LoraModule:
-    """``Σ_k p_k s_k B_k A_k`` as its thin SVD in adapter form (oracles O11, O12, O16)."""
-    U, S, Vh = svd_of_weighted_sum(Bs, As, [p * s for p, s in zip(weights, scales)], path)
-    return LoraModule(A=Vh.contiguous(), B=(U * S).contiguous(), alpha=float(S.numel()))
-
-
-def redistribute(module: LoraModule, rank: int, alpha: float, split: str = "B") -> tuple[Tensor, Tensor]:
-    """A client's ``(B, A)`` at ``rank``: the best rank-r approximation of the global ΔW (O13–O15)."""
+def redistribute(module: LoraModule, rank: int, alpha: float, split: str = "B",
+                 seed: int = 0) -> tuple[Tensor, Tensor]:
+    """A client's ``(B, A)`` at ``rank``: the best rank-r approximation of the global ΔW (O13–O15); components
+    beyond the stored rank are an orthonormal completion of A (seeded) with zero columns of B."""
     U, S, Vh = svd_form(module)
-    return truncate(U, S, Vh, rank, alpha / rank, split)
+    return truncate(U, S, Vh, rank, alpha / rank, split, seed)
+
+
+def completion_seed(seed: int, round_idx: int, module: str) -> int:
+    """The seed of a module's orthonormal completion in round t (the same for every client of the round)."""
+    return int(np.random.SeedSequence([seed, round_idx, zlib.crc32(module.encode()), 67]).generate_state(1)[0])
 
 
 @register
@@ -74,21 +82,26 @@ class FlexLoRA(Method):
                 download = dict(head)
                 if state.extra.get("aggregated"):
                     for name, module in state.adapter.modules.items():
-                        B, A = redistribute(module, ranks[name], self.spec.alpha, self.cfg.flexlora.svd_split)
+                        B, A = redistribute(module, ranks[name], self.spec.alpha, self.cfg.flexlora.svd_split,
+                                            completion_seed(self.spec.seed, round_idx, name))
                         download[name + B_SUFFIX], download[name + A_SUFFIX] = B, A
                 downloads[key] = download
             plans.append(ClientPlan(cid, downloads[key], train=roles, upload=roles, ranks=ranks))
         return plans
 
-    # ---- streaming aggregation: the engine feeds updates one by one and keeps none of their tensors
+    # ---- streaming aggregation: the engine feeds updates one by one and keeps none of their tensors.  The batch
+    # ``aggregate`` runs the same three steps, so there is one implementation of the rule.
     def begin(self, round_idx: int, state: ServerState, plans: list[ClientPlan]) -> dict:
         """Per module, a dense accumulator when the round's total rank reaches ``min(d_out, d_in)`` (then the dense
         matrix is the smaller object), else the list of client factors for the exact factored SVD."""
-        totals = {n: sum(p.ranks[n] for p in plans) for n in state.adapter.modules}
+        return self._accumulator({n: sum(p.ranks[n] for p in plans) for n in state.adapter.modules})
+
+    def _accumulator(self, totals: dict[str, int]) -> dict:
         dense = {n: totals[n] >= min(self.spec.shapes[n]) for n in totals}
         return {"dense": dense, "sum": {}, "factors": {n: [] for n in totals}, "head": {}, "n": 0}
 
     def accumulate(self, acc: dict, update: Update) -> None:
+        """Add ``n_k s_k B_k A_k`` (dense) or keep ``(B_k, A_k, n_k s_k)`` (factored); the head's ``n_k h_k``."""
         n = update.num_examples
         acc["n"] += n
         for name, dense in acc["dense"].items():
@@ -105,16 +118,13 @@ class FlexLoRA(Method):
                 acc["head"][key] = acc["head"].get(key, 0) + n * value.double()
 
     def finish(self, round_idx: int, state: ServerState, acc: dict) -> ServerState:
+        """``ΔW = Σ_k p_k s_k B_k A_k`` (p_k = n_k / Σ n) as its thin SVD, stored with scale 1 (O11, O12, O16)."""
         if acc["n"] == 0:
             return state
-        from fedlora.lowrank import dense_svd, factored_svd, stack_factors
-
         modules = {}
         for name, dense in acc["dense"].items():
             if dense:
                 U, S, Vh = dense_svd(acc["sum"].pop(name) / acc["n"])
-                total = min(U.shape[1], Vh.shape[0])
-                U, S, Vh = U[:, :total], S[:total], Vh[:total]
             else:
                 Bs, As, cs = zip(*acc["factors"][name])
                 U, S, Vh = factored_svd(*stack_factors(list(Bs), list(As), [c / acc["n"] for c in cs]))
@@ -127,11 +137,8 @@ class FlexLoRA(Method):
     def aggregate(self, round_idx: int, state: ServerState, updates: list[Update]) -> ServerState:
         if not updates:
             return state
-        weights = data_weights(updates)
-        modules = {}
-        for name in state.adapter.modules:
-            Bs, As = client_factors(updates, name)
-            scales = [self.spec.alpha / A.shape[0] for A in As]
-            modules[name] = aggregate_module(Bs, As, weights, scales)
-        head = {**state.adapter.head, **average_head(state, updates, weights)}
-        return ServerState(Adapter(modules, head), {**state.extra, "aggregated": True})
+        totals = {n: sum(u.tensors[n + A_SUFFIX].shape[0] for u in updates) for n in state.adapter.modules}
+        acc = self._accumulator(totals)
+        for update in updates:
+            self.accumulate(acc, update)
+        return self.finish(round_idx, state, acc)

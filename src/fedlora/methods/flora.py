@@ -3,14 +3,20 @@
 Clients train fresh LoRA factors at their own ranks.  The server stacks them, ``B = [B_1|…|B_K]`` and
 ``A = [p_1 s_1 A_1; …; p_K s_K A_K]``, so that ``B A = Σ_k p_k s_k B_k A_k`` exactly whatever the ranks (oracle
 O20); every client merges that product into its frozen base (``W0 ← W0 + B A``) and starts the next round from a fresh
-LoRA (Kaiming A, B = 0; O1).  The downlink carries the stack, ``Σ_k r_k (d_in + d_out)`` numbers per module, growing
-with the number of clients (O30).
+LoRA (Kaiming A, B = 0; O1), drawn independently per client and round (seeded by run seed, round and client).  The
+downlink carries the stack, ``Σ_k r_k (d_in + d_out)`` numbers per module, growing with the number of clients (O30).
 
-Our resolutions: ``p_k`` and ``s_k`` are both folded into the A stack, so FLoRA's ``alpha = 2r`` convention is not
-needed for exactness (any ``lora.alpha`` works).  Fresh LoRA each round is drawn from a per-round seed.  A client
-that skipped the previous round would have missed merges: it downloads the server's whole cumulative update (dense)
-instead of the last stack, and that traffic is counted.  The server keeps the cumulative merged update densely; it
-is what is evaluated, and it is exported as exact LoRA factors (its thin SVD at numerical rank).
+Scaling: FLoRA's code sets each client's ``alpha_k = 2·r_k``, so every client, whatever its rank, trains with the
+same scale ``s = 2``, and so does the stack.  That is our default (``flora.alpha_per_rank = 2``); the per-client
+effective learning rate then does not depend on the rank, as in the paper's runs.  ``flora.alpha_per_rank = 0`` uses
+``lora.alpha`` at every rank (``s_k = alpha / r_k``: with α = 16, 8× for r2 and 0.29× for r56).  Either way ``p_k`` and
+``s_k`` are folded into the A stack, so aggregation is exact.
+
+Our resolutions: a client that skipped the previous round would have missed merges: it downloads the server's whole
+cumulative update (dense) instead of the last stack, and that traffic is counted (FLoRA's code needs every client in
+every round).  The stack is in update order (the code's is a Python set's order; the product is the same).  The
+server keeps the cumulative merged update densely; it is what is evaluated, and it is exported as exact LoRA factors
+(its thin SVD at numerical rank).
 """
 from __future__ import annotations
 
@@ -22,9 +28,10 @@ from fedlora.methods.base import (ClientPlan, Method, ServerState, Update, avera
                                   register)
 
 
-def round_init_seed(seed: int, round_idx: int) -> int:
-    """The seed of round t's fresh LoRA init (shared by the round's clients, different every round)."""
-    return seed * 1_000_003 + round_idx
+def round_init_seed(seed: int, round_idx: int, client_id: int) -> int:
+    """The seed of client k's fresh LoRA init in round t: a different A for every client and round, as FLoRA's code
+    gives (each client calls ``get_peft_model`` on its own copy, drawing from the global RNG), but reproducible."""
+    return (seed * 1_000_003 + round_idx) * 1_000_033 + client_id
 
 
 def exact_factors(delta: Tensor, rtol: float = 1e-6) -> LoraModule:
@@ -44,6 +51,15 @@ class FLoRA(Method):
     heterogeneous_ranks = True
     averages_tensors = False
 
+    @classmethod
+    def alpha_per_rank(cls, cfg) -> float:
+        return cfg.flora.alpha_per_rank
+
+    def client_scale(self, rank: int) -> float:
+        """``s_k`` of a client of this rank: ``flora.alpha_per_rank`` (α_k = c·r_k), or ``lora.alpha / r_k``."""
+        c = self.alpha_per_rank(self.cfg)
+        return c if c > 0 else self.spec.alpha / rank
+
     def init_state(self, initial: Adapter) -> ServerState:
         return ServerState(initial.clone(), {"participants": []})
 
@@ -62,7 +78,7 @@ class FLoRA(Method):
             elif f"offset/{names[0]}" in state.extra:  # missed merges: the whole cumulative update
                 merge = {f"{name}.delta": state.extra[f"offset/{name}"] for name in names}
             plans.append(ClientPlan(cid, dict(head), train=roles, upload=roles,
-                                    config={"init_seed": round_init_seed(self.spec.seed, round_idx)},
+                                    config={"init_seed": round_init_seed(self.spec.seed, round_idx, cid)},
                                     ranks=self.spec.client_ranks[cid], merge=merge))
         return plans
 
@@ -73,7 +89,7 @@ class FLoRA(Method):
         extra = {k: v for k, v in state.extra.items() if not k.startswith(("stack_A/", "stack_B/"))}
         for name in state.adapter.modules:
             Bs, As = client_factors(updates, name)
-            coeffs = [p * self.spec.alpha / A.shape[0] for p, A in zip(weights, As)]
+            coeffs = [p * self.client_scale(A.shape[0]) for p, A in zip(weights, As)]
             B_stack, A_stack = stack_factors(Bs, As, coeffs)
             extra[f"stack_B/{name}"], extra[f"stack_A/{name}"] = B_stack, A_stack
             product = B_stack @ A_stack

@@ -10,7 +10,12 @@ baseline).
 Our resolutions: ranks differ, so the factors are exchanged in *pre-scaled* form, ``√s_k·B_k`` and ``√s_k·A_k`` (the
 ``handle_alpha`` of FlexLoRA's baseline, §4.2): the global adapter holds ``B̃, Ã`` with scale 1 and client k trains
 ``B = B̃[:, :r_k]/√s_k``, ``A = Ã[:r_k]/√s_k``, so its initial product equals the global's rank-``r_k`` truncation.
-Round 1 starts every client from the fresh PEFT init.  Self-pruning (which FlexLoRA's baseline omits) is real: when a
+Round 1 starts every client from the fresh PEFT init.  A rank index that no client of the round covers keeps the
+global's previous row of A and column of B (``hetlora.uncovered = "keep"``, the default); plain zero-padding
+(``"zero"``) would zero it, and a zero row of A with a zero column of B never gets a gradient again, so after one round
+without large clients the large clients would train at a smaller rank for the rest of the run.  The paper's
+zero-padding sum describes a round in which the largest rank takes part; it does not say what an uncovered index
+becomes.  Self-pruning (which FlexLoRA's baseline omits) is real: when a
 client's tail norm ``‖B_tail‖·‖A_tail‖`` shrank during a round, it reports ``prune_to = ⌊γ r⌋`` and trains at the
 smaller ranks from its next round on; its upload of that round still has its old rank, the server truncates it.
 """
@@ -45,13 +50,22 @@ def sparsity_weights_scaled(Bs: list[Tensor], As: list[Tensor], scales: list[flo
 
 
 def aggregate_module(Bs: list[Tensor], As: list[Tensor], weights: list[float], scales: list[float],
-                     rank: int) -> LoraModule:
-    """``Σ_k p_k pad(√s_k B_k)``, ``Σ_k p_k pad(√s_k A_k)`` at ``rank`` (scale 1; oracle O18)."""
+                     rank: int, previous: LoraModule | None = None) -> LoraModule:
+    """``Σ_k p_k pad(√s_k B_k)``, ``Σ_k p_k pad(√s_k A_k)`` at ``rank`` (scale 1; oracle O18).
+
+    With ``previous`` (the pre-scaled global before the round), a rank index no client covers (every ``r_k ≤ i``)
+    keeps the previous row of A and column of B (``hetlora.uncovered = "keep"``); without it, it is zero (plain
+    zero-padding, ``"zero"``), which no later client can revive: a zero row of A and zero column of B get no
+    gradient in either factor."""
     B_sum, A_sum = None, None
     for B, A, p, s in zip(Bs, As, weights, scales):
         B_pad, A_pad = zero_pad(B * math.sqrt(s), A * math.sqrt(s), rank)
         B_sum = B_pad * p if B_sum is None else B_sum + B_pad * p
         A_sum = A_pad * p if A_sum is None else A_sum + A_pad * p
+    covered = max(A.shape[0] for A in As)
+    if previous is not None and covered < rank:
+        B_sum[:, covered:] = previous.B[:, covered:rank].to(B_sum.dtype)
+        A_sum[covered:] = previous.A[covered:rank].to(A_sum.dtype)
     return LoraModule(A=A_sum, B=B_sum, alpha=float(rank))
 
 
@@ -96,6 +110,15 @@ class HetLoRA(Method):
             plans.append(ClientPlan(cid, download, train=roles, upload=roles, config=config, ranks=ranks))
         return plans
 
+    def _prescaled(self, state: ServerState, module: LoraModule) -> LoraModule:
+        """The global module in pre-scaled form.  Before the first aggregation the state holds the fresh init at the
+        global rank ``r`` (PEFT scale ``α/r``), so its rows are multiplied by ``√(α/r)``: a client of rank ``r``
+        downloading a kept row then starts it from exactly its fresh init."""
+        if state.extra.get("aggregated"):
+            return module
+        root = math.sqrt(self.spec.alpha / module.rank)
+        return LoraModule(A=module.A * root, B=module.B * root, alpha=float(module.rank))
+
     def aggregate(self, round_idx: int, state: ServerState, updates: list[Update]) -> ServerState:
         if not updates:
             return state
@@ -114,6 +137,7 @@ class HetLoRA(Method):
             As = [A[:r] for A, r in zip(As, keep)]
             weights = (sparsity_weights_scaled(Bs, As, scales) if self.cfg.hetlora.weighting == "sparsity"
                        else data_w)
-            modules[name] = aggregate_module(Bs, As, weights, scales, module.rank)
+            previous = None if self.cfg.hetlora.uncovered == "zero" else self._prescaled(state, module)
+            modules[name] = aggregate_module(Bs, As, weights, scales, module.rank, previous)
         head = {**state.adapter.head, **average_head(state, updates, data_w)}
         return ServerState(Adapter(modules, head), {**state.extra, "aggregated": True, "pruned_ranks": pruned})

@@ -1,18 +1,37 @@
-"""Fed-piLot (Zhang, Xu, Liu, Hu; arXiv 2410.10200v1; algorithms.md §3): memory-aware LoRA layer assignment.
+"""Fed-piLot (Zhang, Xu, Liu, Hu, "Fed-piLot: Optimizing LoRA Assignment for Efficient Federated Foundation Model
+Fine-Tuning", arXiv 2410.10200v1, 2024; docs/methods.md §14): memory-aware LoRA layer assignment.
 
-Fed-piLot has no public code and its paper leaves the IG-Score combination, STAgg and DWA unspecified (§3.2); what
-follows is algorithms.md §3.3's proposal, each choice labelled.
+**From the paper**: each client trains a subset of LoRA layers (here: transformer blocks)
+chosen by a 0/1 knapsack, value = a combined local-global IG-Score built from per-layer gradient norms on a small IG
+sample, weight = the layer's memory cost, capacity = the client's memory; the server aggregates with STAgg (spatial +
+temporal) and a dynamic weight adjustment (DWA) that "compensates for under-updated layers" (v2).  Fed-piLot has no
+public code, and the formulas of the score combination, the cost model, the solver, STAgg and DWA were not available
+to us; every formula below is **our PROPOSAL** (docs/methods.md §14), labelled as such.
 
-* **IG-Score** (§3.3 step 2): a client's local score of layer j is the gradient norm of its LoRA tensors on a small IG
-  sample, ``Γ_j = ‖∇_{θ_j} L(D^IG)‖₂``; the *affordable* score zeroes layers whose cost exceeds the client's capacity and
-  normalises to 1; the server keeps a global score ``Γ̂`` (exponential moving average, decay β, of the data-weighted
-  mean of reported normalised scores); the combined score is ``Γ'' = λ·Γ̂ + (1−λ)·Γ'`` (λ = 0.5, β = 0.9: PROPOSAL).
-* **STAgg with DWA** (step 5, PROPOSAL): per LoRA tensor of layer j, the spatial average ``Δ̄_j`` of the updates of the
-  clients that trained j (data-size weights), a temporal momentum ``H_j = γ H_j + (1−γ) Δ̄_j`` (Δ̄ = 0 for an untrained
-  layer, so stale momentum decays), a coverage weight ``w_j = clip(1/ρ_j, 1, w_max)`` normalised to mean 1 over the
-  covered layers (ρ_j = share of the round's clients that trained j), and the update
-  ``θ_j ← θ_j + η_g·[(1−κ)·w_j·Δ̄_j + κ·H_j]`` (η_g = 1, κ = 0.5, γ = 0.5, w_max = 3).  With every client training
-  every layer and κ = 0 it is FedAvg (oracle O27); a layer nobody trained, with zero momentum, is unchanged.
+* **Costs**: by default the paper's additive knapsack, ``Σ_j c_j ≤ K_i − M_step`` with ``c_j = G_j + Act(j)`` (LoRA
+  gradient + AdamW state of layer j, plus the activations from block j up:
+  :meth:`fedlora.memory.MemoryModel.additive_costs`), an over-estimate, so every choice also fits the true memory.
+  ``memory.position_aware = true`` is our exact extension, ``M_step + Σ_j G_j + Act(e)`` with e the earliest trained
+  block.  With LoRA, G_j is tiny next to the activations, so under that model (every score positive) the best set is
+  the longest suffix of blocks that fits and the IG-Score never changes the choice (Fed-piLot then differs from top-k
+  only in its aggregation); the additive form keeps the paper's trade-off between layers.  When the true memory of
+  training every layer fits the budget, every layer with a positive score is trained (no knapsack needed; ours).
+* **IG-Score** (PROPOSAL): a client's local score of layer j is the gradient norm of its LoRA tensors on the IG
+  sample, ``Γ_j = ‖∇_{θ_j} L(D^IG)‖₂``; the *affordable* score zeroes layers whose cost exceeds the client's capacity
+  and normalises to 1; the server keeps a global score ``Γ̂`` (exponential moving average, decay β, of the
+  data-weighted mean of reported normalised scores); the combined score is ``Γ'' = λ·Γ̂ + (1−λ)·Γ'`` (λ = 0.5,
+  β = 0.9).
+* **STAgg with DWA** (PROPOSAL): per LoRA tensor of layer j, the spatial average ``Δ̄_j`` of the updates of the
+  clients that trained j (data-size weights), a temporal momentum ``H_j ← γ H_j + (1−γ) Δ̄_j`` (Δ̄ = 0 for an
+  untrained layer, so stale momentum decays), bias-corrected as in Adam, ``Ĥ_j = H_j / (1 − γ^t)`` with t the number
+  of momentum updates so far (kept in the server state, so a resumed run continues exactly), a coverage weight
+  ``w_j = min(1/ρ_j, w_max)`` **without renormalisation** (ρ_j = share of the round's clients that trained j; a fully
+  covered layer and the task head get w = 1), and the update ``θ_j ← θ_j + η_g·[(1−κ)·w_j·Δ̄_j + κ·Ĥ_j]``
+  (η_g = 1, κ = 0.5, γ = 0.5, w_max = 3).  So with η_g = 1 a fully covered layer steps exactly FedAvg's update in
+  round 1 (and in every round while the update stays the same), for any κ; with κ = 0 and full coverage the rule
+  *is* FedAvg (oracle O27); a layer nobody trained, with zero momentum, is unchanged.  (An earlier version normalised
+  w to mean 1 over the covered layers, head included, which shrank fully covered layers and the head to about 0.6×
+  and, without bias correction, made round 1 step 0.75× FedAvg.)
 """
 from __future__ import annotations
 
@@ -47,14 +66,17 @@ def update_global_scores(previous: list[float] | None, reported: list[list[float
     return [beta * p + (1 - beta) * m for p, m in zip(previous, mean, strict=True)]
 
 
-def dwa_weights(coverage: list[float], w_max: float) -> list[float]:
-    """``w_j = clip(1/ρ_j, 1, w_max)``, normalised to mean 1 over covered layers (ρ_j > 0); 0 for uncovered ones."""
-    raw = [min(max(1.0 / rho, 1.0), w_max) if rho > 0 else 0.0 for rho in coverage]
-    covered = [w for w, rho in zip(raw, coverage) if rho > 0]
-    if not covered:
-        return raw
-    mean = sum(covered) / len(covered)
-    return [w / mean for w in raw]
+def dwa_weights(coverage: list[float], w_max: float, full: tuple[int, ...] = ()) -> list[float]:
+    """``w_j = min(1/ρ_j, w_max)`` for covered layers (ρ_j > 0), 0 for uncovered ones, no renormalisation: a layer
+    every client trained gets exactly 1, an under-covered one up to ``w_max``.  Layers in ``full`` (the task head)
+    count as fully covered: 1 whenever anyone trained them."""
+    return [0.0 if rho <= 0 else 1.0 if j in full else min(1.0 / rho, w_max) for j, rho in enumerate(coverage)]
+
+
+def bias_correction(gamma: float, t: int) -> float:
+    """Adam's ``1 / (1 − γ^t)`` for the t-th momentum update (t ≥ 1); 1 when it is undefined (γ = 1: H stays 0)."""
+    denom = 1.0 - gamma ** t
+    return 1.0 / denom if t >= 1 and denom > 0 else 1.0
 
 
 @dataclass(frozen=True)
@@ -63,21 +85,27 @@ class STAggSettings:
     kappa: float = 0.5       # κ: share of the momentum in the step
     gamma: float = 0.5       # γ: momentum decay
     w_max: float = 3.0       # DWA cap
+    bias_correction: bool = True  # divide the momentum by (1 − γ^t) in the step
 
 
 def stagg(global_tensors: dict[str, Tensor], uploads: list[dict[str, Tensor]], sizes: list[int],
           layer_of: dict[str, int], num_layers: int, momentum: dict[str, Tensor], settings: STAggSettings,
-          use_dwa: bool = True) -> tuple[dict[str, Tensor], dict[str, Tensor], list[float]]:
+          use_dwa: bool = True, step: int = 1, full: tuple[int, ...] = ()) -> tuple[dict[str, Tensor],
+                                                                                     dict[str, Tensor], list[float]]:
     """One STAgg step over every tensor of ``global_tensors``.
 
-    ``uploads[k]`` holds the tensors client k trained (a subset of the keys), ``layer_of`` maps each key to its layer.
-    Returns the new global tensors, the new momentum and the per-layer coverage ρ_j."""
+    ``uploads[k]`` holds the tensors client k trained (a subset of the keys), ``layer_of`` maps each key to its layer,
+    ``step`` is t, the index of this momentum update (1 for the first: bias correction ``1/(1−γ^t)``), and ``full``
+    lists the layers DWA treats as fully covered (the head).  Returns the new global tensors, the new (uncorrected)
+    momentum and the per-layer coverage ρ_j."""
     trained_by = [set() for _ in range(num_layers)]
     for k, up in enumerate(uploads):
         for key in up:
             trained_by[layer_of[key]].add(k)
     coverage = [len(s) / len(uploads) if uploads else 0.0 for s in trained_by]
-    weights = dwa_weights(coverage, settings.w_max) if use_dwa else [1.0 if c > 0 else 0.0 for c in coverage]
+    weights = (dwa_weights(coverage, settings.w_max, full) if use_dwa
+               else [1.0 if c > 0 else 0.0 for c in coverage])
+    correction = bias_correction(settings.gamma, step) if settings.bias_correction else 1.0
     new_global, new_momentum = {}, {}
     for key, theta in global_tensors.items():
         j = layer_of[key]
@@ -88,9 +116,13 @@ def stagg(global_tensors: dict[str, Tensor], uploads: list[dict[str, Tensor]], s
             for k in contributors:
                 acc.add_((uploads[k][key].to(torch.float64) - theta.to(torch.float64)), alpha=sizes[k] / n)
         prev = momentum.get(key)
-        h = (1 - settings.gamma) * acc if prev is None else settings.gamma * prev.to(torch.float64) + (1 - settings.gamma) * acc
-        step = settings.server_lr * ((1 - settings.kappa) * weights[j] * acc + settings.kappa * h)
-        new_global[key] = (theta.to(torch.float64) + step).to(theta.dtype)
+        h = (1 - settings.gamma) * acc
+        if prev is not None:
+            h = settings.gamma * prev.to(torch.float64) + h
+        update = (1 - settings.kappa) * weights[j] * acc
+        if settings.kappa:
+            update = update + settings.kappa * correction * h
+        new_global[key] = (theta.to(torch.float64) + settings.server_lr * update).to(theta.dtype)
         new_momentum[key] = h.to(theta.dtype)
     return new_global, new_momentum, coverage
 
@@ -105,17 +137,23 @@ MB = 1_000_000
 
 
 def fit_layers(spec, budget: float, values: list[float] | None = None, order: list[int] | None = None,
-               position_aware: bool = True, unit_mb: float = 0.25) -> list[int]:
+               position_aware: bool = False, unit_mb: float = 0.25) -> list[int]:
     """The layers a client with ``budget`` bytes trains: the knapsack over ``values`` (Fed-piLot), or the longest
-    run of ``order`` that fits (FedRA's random order, the top-k baseline's last-to-first order).  Every answer's
-    predicted memory is within the budget."""
+    run of ``order`` that fits (the top-k baseline's last-to-first order).
+
+    Costs: the paper's additive ``c_j = G_j + Act(j)`` (default) or, with ``position_aware``, the exact
+    ``M_step + Σ G_j + Act(e)``.  When the true (position-aware) memory of training all the layers fits, every one
+    of them with a positive value is trained, whatever the cost model: nothing has to be chosen, and the additive
+    form, which counts the shared activations once per layer, would wrongly refuse it.  Every answer's true
+    predicted memory (:meth:`MemoryModel.predict`) is within the budget: the additive costs over-estimate it and the
+    knapsack rounds every cost up."""
     mm = spec.memory
     costs, prefix, step = mm.knapsack_inputs()
     room = budget - step
     if room < 0:
         return []
-    everything = list(range(mm.num_layers))
-    if mm.predict(everything) <= budget and order is None:  # all fit: no rounding in the knapsack can lose one
+    everything = sorted(order) if order is not None else list(range(mm.num_layers))
+    if mm.predict(everything) <= budget:  # all fit: no rounding in the knapsack can lose one
         return [j for j in everything if values[j] > 0] if values is not None else everything
     if order is not None:
         got = (top_k_that_fit(order, costs, room, prefix) if position_aware
@@ -172,13 +210,17 @@ class LayerAssignment(Method):
         p = self.cfg.pilot
         settings = STAggSettings(server_lr=p.server_lr if self.use_momentum else 1.0,
                                  kappa=p.momentum_share if self.use_momentum else 0.0,
-                                 gamma=p.momentum_decay, w_max=p.dwa_max)
+                                 gamma=p.momentum_decay, w_max=p.dwa_max,
+                                 bias_correction=p.momentum_bias_correction)
+        # t of the bias correction: momentum updates so far (a checkpoint from before the counter: one per round)
+        t = int(state.extra.get("momentum_steps", round_idx - 1 if momentum else 0)) + 1
         new, new_momentum, coverage = stagg(flat, [u.tensors for u in updates], [u.num_examples for u in updates],
                                             layer_of, num_layers + 1, momentum if self.use_momentum else {},
-                                            settings, use_dwa=self.use_dwa and p.dwa)
+                                            settings, use_dwa=self.use_dwa and p.dwa, step=t, full=(num_layers,))
         extra = {k: v for k, v in state.extra.items() if not k.startswith("momentum/")}
         if self.use_momentum:
             extra.update({f"momentum/{k}": v for k, v in new_momentum.items()})
+            extra["momentum_steps"] = t
         extra["coverage"] = coverage[:num_layers]
         reported = [u.report["affordable_scores"] for u in updates if "affordable_scores" in u.report]
         if reported:
@@ -203,7 +245,7 @@ class FedPilot(LayerAssignment):
                       "score_mix": p.score_mix, "ig_examples": p.ig_examples}
 
     def select(self, plan: ClientPlan, local_scores: list[float]) -> tuple[list[int], dict]:
-        """Client side, given its IG gradient norms: affordable -> combined scores -> knapsack (§3.3 steps 2-3)."""
+        """Client side, given its IG gradient norms: affordable -> combined scores -> knapsack."""
         mm = self.spec.memory
         budget = plan.config["budget"]
         alone = [mm.predict([j]) for j in range(mm.num_layers)]
