@@ -63,6 +63,8 @@ def replay(config: str, seed: int) -> tuple[int, int, list[int]]:
                                                    plan.download[n + ".lora_A.weight"]) for n in names)
                         dead_total += dead
                         per.append(dead)
+        if t == cfg.rounds:
+            break  # no download follows the last aggregation
         updates = []
         for plan in plans:
             tensors = {}
