@@ -278,3 +278,17 @@ def _position(method, t, cid, block):
     from fedlora.methods.fedra import random_order
 
     return random_order(method.spec.seed, t, cid, len(method.spec.layer_groups)).index(block)
+
+
+def test_a_fedra_client_whose_budget_fits_no_block_sits_the_round_out():
+    """A sub-model of no block is embeddings straight into the head: it trains and uploads nothing (it would
+    otherwise train the head on a model that is not the global one and average that head in)."""
+    from fedlora.adapters import initial_adapter
+
+    mm = _mm(6, 10.0, 1.0, 30.0)  # one block costs 10 + 31 = 41; budget 0.05 · 196 = 9.8 fits none
+    method = _method("fedra", mm, fractions=(0.05, 1.0))
+    state = method.init_state(initial_adapter(method.spec.shapes, 2, 4.0, 0))
+    none, full = method.configure(1, state, [0, 1])
+    assert none.modules == frozenset() and none.train == frozenset() and none.upload == frozenset()
+    assert none.download == {}
+    assert full.train >= {"lora_A", "lora_B"} and len(full.modules) == len(method.spec.shapes)

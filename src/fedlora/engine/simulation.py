@@ -372,6 +372,10 @@ def _attach_memory_model(spec: FederationSpec, model, prepared: Prepared, task_t
 
     cfg = prepared.cfg
     spec.layer_groups = layer_groups(spec.shapes)
+    blocks = [block_index(group[0]) for group in spec.layer_groups]
+    if blocks != list(range(len(blocks))):  # layer j of the memory model must be block j of the model
+        raise ConfigError(f"layer-assignment methods need LoRA on every transformer block; lora.target_modules "
+                          f"match blocks {blocks[:8]}{'…' if len(blocks) > 8 else ''} only")
     ranks = spec.global_ranks()
     params = [sum(ranks[m] * sum(spec.shapes[m]) for m in group) for group in spec.layer_groups]
     mc = model.base_model.model.config

@@ -64,9 +64,21 @@ only for the blocks it draws, so as many blocks come from the whole depth.
 6. *Aggregation.*  Theirs: the plain (unweighted) mean of each block's LoRA A and B over the clients that had it,
    the head over all sampled clients.  Ours: the data-size-weighted mean (``LayerAssignment.aggregate``, STAgg's
    spatial part); the same when clients hold equally many examples.  A and B are averaged separately in both.
-7. *Local training and sampling.*  Theirs: SGD (momentum 0.9, lr 0.01, weight decay 1e-5, gradient-norm clip 10),
-   one epoch capped at the smallest client's number of batches, one client per domain each round.  Ours: the
-   config's ``[train]`` settings and ``clients.fraction``, the same for every method.
+7. *Local training and sampling.*  Theirs: SGD (momentum 0.9, constant lr 0.01 — its cosine schedule is commented
+   out —, weight decay 1e-5, gradient-norm clip 10, batch 128, 100 or 150 rounds), one epoch capped at the smallest
+   client's number of batches (plus one: its loop breaks after ``i > mmm``), one client per domain each round.
+   Ours: the config's ``[train]`` settings and ``clients.fraction``, the same for every method.
+8. *Who gets which capacity.*  Theirs ties capacity to the domain (clipart 12, infograph 10, painting 8, quickdraw
+   6, real 4, sketch 3 layers), so capacity lines up with the data shift.  Ours: ``memory.budgets`` assigned to
+   clients in turn (client k gets ``budgets[k % len]``), independent of their data.
+9. *Unequal block costs.*  With blocks of different costs the greedy draw over a random order (a misfit skipped)
+   picks cheaper blocks more often than dearer ones; with equal costs (every model we ship) it is uniform.
+10. *Official quirks not copied.*  Their patch-embedding LoRA is averaged only in rounds where client 0 was sampled
+    (``server.py``), and a block nobody drew has ``fc2.lora_A`` written twice and ``fc2.lora_B`` not at all (harmless
+    under ``strict=False``).  They evaluate the global model per domain at a few rounds; we evaluate every
+    ``eval.every`` rounds on the validation set (and each client's local split).
+11. *A client whose budget fits no block* sits the round out here (their smallest client has 3 layers, so the case
+    never arises there); it would otherwise train the head on a model of no block.
 """
 from __future__ import annotations
 
@@ -106,9 +118,16 @@ class FedRA(LayerAssignment):
         return take_while_fits(order, self.spec.memory.predict_submodel, self._budget(cid)), {"submodel": True}
 
     def configure(self, round_idx, state, client_ids):
-        # a sub-model never reads the LoRA of the blocks it skips: send only the drawn blocks' (and the head)
-        return [dataclasses.replace(p, download=_drawn_only(p)) for p in super().configure(round_idx, state,
-                                                                                             client_ids)]
+        """A sub-model never reads the LoRA of the blocks it skips: send only the drawn blocks' (and the head).  A
+        client whose budget fits no block sits the round out: a sub-model of no block (embeddings straight into the
+        head) is not the global model, and a head trained on it would corrupt the global head."""
+        plans = []
+        for p in super().configure(round_idx, state, client_ids):
+            if p.modules:
+                plans.append(dataclasses.replace(p, download=_drawn_only(p)))
+            else:
+                plans.append(dataclasses.replace(p, download={}, train=frozenset(), upload=frozenset()))
+        return plans
 
 
 def _drawn_only(plan) -> dict:
