@@ -239,3 +239,61 @@ def test_a_plan_restricted_to_some_modules_trains_and_uploads_only_those():
     assert len(seen) == 2 and all(p is slots.params[k] for p, k in zip(seen, sorted(up.tensors)))
     assert up.tensors["1.lora_B.weight"].abs().sum() > 0
     assert torch.equal(slots.params["0.lora_B.weight"], torch.zeros_like(slots.params["0.lora_B.weight"]))
+
+
+def test_under_dp_a_client_reports_no_statistic_of_its_data():
+    model, slots, init = tiny_linear_lora(D_IN, D_OUT, R)
+    plain = _run(model, slots, init, _data(n=16), train_cfg(batch_size=4))
+    assert "loss" in plain.metrics
+    priv = ClientPrivacy(noise_multiplier=1.0, sample_rate=0.25, steps_per_round=3, clip=1.0, delta=1e-5)
+    private = _run(model, slots, init, _data(n=16), train_cfg(batch_size=4), privacy=priv,
+                   accountant=ClientAccountant())
+    # steps, Poisson batch bookkeeping (depends on n and the seed only), A's checksum (post-processing) and epsilon
+    assert set(private.metrics) == {"steps", "empty_batches", "a_checksum", "epsilon"}
+
+
+def _bert_examples(n=9):
+    from fedlora.data.tasks import Examples
+
+    g = torch.Generator().manual_seed(3)
+    lengths = [3, 12, 5, 9, 4, 15, 6, 11, 7][:n]  # unsorted lengths: micro-batches get re-grouped by length
+    ids = [torch.randint(4, 60, (k,), generator=g).tolist() for k in lengths]
+    return Examples(ids, None, torch.tensor([i % 2 for i in range(n)]), 0)
+
+
+@pytest.mark.parametrize("dp", [False, True])
+def test_length_sorted_micro_batches_give_the_full_batch_step(dp):
+    """Micro-batches are grouped by length (less padding): with per-example losses (and per-example gradients under
+    DP) the step equals the one-batch step."""
+    from peft import LoraConfig, get_peft_model
+
+    from fedlora.adapters import initial_adapter
+    from fedlora.data.tasks import ClassificationTask
+    from fedlora.models import LoraSlots
+    from tests.conftest import tiny_bert
+
+    model = get_peft_model(tiny_bert().double(), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                                           task_type="SEQ_CLS"))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in model.modules():  # no dropout: its masks depend on the batch's shape
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    slots = LoraSlots.of(model)
+    init = initial_adapter(slots.shapes, 4, 8.0, 0, head={k: v.double() for k, v in slots.head().items()})
+    init = init.with_tensors({k: v.double() for k, v in init.to_flat().items()})
+    init = init.with_tensors({k: v + 0.1 for k, v in init.to_flat(frozenset({"lora_B"})).items()})
+    data = _bert_examples()
+    roles = frozenset({"lora_B", "head"})
+    plan = ClientPlan(0, init.to_flat(roles), train=roles, upload=roles)
+    priv = ClientPrivacy(noise_multiplier=0.0, sample_rate=1.0, steps_per_round=1, clip=0.05, delta=1e-5) if dp \
+        else None
+    outs = []
+    for accum in (1, 3):
+        up = train_client(model=model, slots=slots, initial=init, plan=plan, examples=data,
+                          loss_fn=ClassificationTask.loss, train_cfg=train_cfg(lr=0.5, batch_size=9, grad_accum=accum),
+                          round_idx=1, seed=0, privacy=priv)
+        outs.append(up.tensors)
+    for k in outs[0]:
+        torch.testing.assert_close(outs[0][k], outs[1][k], rtol=1e-9, atol=1e-12)
+    assert any(not torch.equal(outs[0][k], plan.download[k]) for k in outs[0])

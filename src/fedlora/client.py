@@ -91,6 +91,11 @@ def train_client(*, model: nn.Module, slots: LoraSlots, initial: Adapter | None,
     steps = privacy.steps_per_round if privacy is not None else steps_per_round(train_cfg, n)
     sampler = _Sampler(n, train_cfg.batch_size, rng, privacy.sample_rate if privacy is not None else None)
     micro = train_cfg.batch_size // train_cfg.grad_accum
+    # Micro-batches of similar length pad less.  Exact where the step's gradient is a mean over examples: per-example
+    # losses (classification) and DP-SGD (per-example gradients); instruction losses average tokens per micro-batch,
+    # so their grouping is left as sampled.
+    sort_by_length = hasattr(examples, "input_ids") and (privacy is not None or isinstance(examples, Examples))
+    lengths = np.fromiter((len(x) for x in examples.input_ids), dtype=np.int64, count=n) if sort_by_length else None
 
     optimizer = make_optimizer(params, train_cfg, round_lr(train_cfg, round_idx))
     forward_model: nn.Module = model
@@ -118,6 +123,8 @@ def train_client(*, model: nn.Module, slots: LoraSlots, initial: Adapter | None,
         for _ in range(steps):
             optimizer.zero_grad(set_to_none=True)
             idx = sampler.next()
+            if sort_by_length and len(idx) > micro:
+                idx = idx[np.argsort(lengths[idx], kind="stable")]
             batch_loss = 0.0
             for start in range(0, len(idx), micro):
                 chunk = idx[start:start + micro]
@@ -151,8 +158,12 @@ def train_client(*, model: nn.Module, slots: LoraSlots, initial: Adapter | None,
             p.requires_grad_(False)
             p.grad = None
     trained = slots.read()
-    metrics = {"loss": float(np.mean(losses)) if losses else float("nan"), "steps": float(steps),
-               "a_checksum": float(a_checksum(trained)), "empty_batches": float(empty_batches)}
+    metrics = {"steps": float(steps), "a_checksum": float(a_checksum(trained)), "empty_batches": float(empty_batches)}
+    if privacy is None:
+        # Under DP the client reports nothing computed from its data but the privatised tensors: its training loss
+        # is a statistic of its examples outside the accounting, so it is not sent (the checksum of A is
+        # post-processing of the privatised state; Poisson batch sizes depend on n and the seed only).
+        metrics["loss"] = float(np.mean(losses)) if losses else float("nan")
     if privacy is not None and accountant is not None:
         metrics["epsilon"] = accountant.epsilon(plan.client_id, privacy.delta)
     if tail_before is not None:

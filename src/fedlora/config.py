@@ -37,6 +37,15 @@ class ModelConfig:
     name: str = _f("minilm", "Base model: a bundled alias ('minilm'), a Hugging Face model id, or a local directory.")
     max_length: int = _f(48, "Maximum number of tokens per example (longer inputs are truncated).")
     threads: int = _f(0, "torch CPU threads (0 = leave torch's default).")
+    pooling: str = _f("auto", "Classification: what the head reads. 'mean' (masked mean of the token states, "
+                      "L2-normalised: what a sentence encoder such as the bundled MiniLM was trained to produce), "
+                      "'cls' (first token, L2-normalised), 'pooler' (the model's own head, e.g. BERT's tanh pooler) "
+                      "or 'auto' (the pooling a local sentence-transformers folder declares, else 'pooler'). "
+                      "Recorded in the adapter folder (fedlora.json); reload with fedlora.load_adapter.",
+                      choices=("auto", "mean", "cls", "pooler"))
+    head_init: str = _f("auto", "Classification head init: 'zero', 'random' (the model's own, seeded) or 'auto' "
+                        "(zero with 'mean'/'cls' pooling, else random; random for Fed-piLot, whose IG-Score is a gradient norm "
+                        "that a zero head makes zero at B = 0).", choices=("auto", "zero", "random"))
     cache_dir: str = _f("", "Where converted models (GGUF -> safetensors) are cached; '' = $FEDLORA_CACHE or "
                         "~/.cache/fedlora.")
 
@@ -76,6 +85,9 @@ class DataConfig:
     labels: list = _f([], "Class labels in order; [] infers the sorted distinct training labels.")
     max_train_examples: int = _f(0, "Use a seeded random subset of this many training rows (0 = all).")
     max_eval_examples: int = _f(0, "Use a seeded random subset of this many validation rows (0 = all).")
+    holdout: int = _f(0, "Classification: carve this many seeded training rows out as the validation set (data."
+                      "validation is then not read): tune hyperparameters without looking at the real validation "
+                      "split. 0 = off.")
     task: str = _f("classification", "'classification' (text -> label) or 'instruction' (causal-LM instruction "
                    "tuning, Alpaca template, Rouge-L).", choices=("classification", "instruction"))
     instruction_column: str = _f("definition", "instruction only: column with the task instruction.")
@@ -417,6 +429,9 @@ def validate(cfg: ExperimentConfig) -> None:
     _need(bool(d.label_column), "data.label_column", d.label_column, "a column name")
     _need(d.max_train_examples >= 0, "data.max_train_examples", d.max_train_examples, "a non-negative integer")
     _need(d.max_eval_examples >= 0, "data.max_eval_examples", d.max_eval_examples, "a non-negative integer")
+    _need(d.holdout >= 0, "data.holdout", d.holdout, "a non-negative integer")
+    _need(d.holdout == 0 or d.task == "classification", "data.holdout", d.holdout,
+          "0 for instruction tasks (carving a validation set from training rows is classification only)")
     _need(len(set(map(str, d.labels))) == len(d.labels), "data.labels", d.labels, "a list without duplicates")
 
     if d.task == "instruction":

@@ -107,10 +107,14 @@ def resolve_model_path(name: str, model_cfg=None) -> str:
     return name
 
 
-def load_classifier(model_cfg, num_labels: int, seed: int):
-    """(tokenizer, model) for sequence classification; the head init is seeded so every party gets the same one."""
+def load_classifier(model_cfg, num_labels: int, seed: int, zero_head_ok: bool = True):
+    """(tokenizer, model) for sequence classification, pooling as ``model.pooling`` says (:mod:`fedlora.pooling`);
+    the head init (``model.head_init``) is seeded, so every party gets the same one.  ``zero_head_ok=False`` makes
+    ``head_init = "auto"`` keep the random head (methods that score layers by gradients at B = 0)."""
     import transformers
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from fedlora.pooling import apply_pooling, resolve_head_init, resolve_pooling, zero_head
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
@@ -124,6 +128,13 @@ def load_classifier(model_cfg, num_labels: int, seed: int):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
         model.config.pad_token_id = tokenizer.pad_token_id
+    pooling = resolve_pooling(getattr(model_cfg, "pooling", "pooler"), path)
+    apply_pooling(model, pooling)
+    head_init = getattr(model_cfg, "head_init", "random")
+    if head_init == "auto" and not zero_head_ok:
+        head_init = "random"
+    if resolve_head_init(head_init, pooling) == "zero":
+        zero_head(model)
     return tokenizer, model
 
 
@@ -422,6 +433,72 @@ def export_peft_adapter(adapter: Adapter, lora_cfg, task_type: str, base_model_p
     config.save_pretrained(str(out_dir))
     tensors = {k: v.detach().contiguous().float() for k, v in adapter.to_peft_state_dict().items()}
     save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+ADAPTER_INFO = "fedlora.json"  # written beside adapter_config.json: what PEFT's own files cannot say
+
+
+def adapter_info(model, cfg, label_names: list | None) -> dict:
+    """What a loader needs beyond PEFT's files to rebuild the run's exact model: the pooling (a stock
+    ``AutoModelForSequenceClassification`` classifies from BERT's pooler), the labels in order, task and method."""
+    from fedlora import __version__
+
+    info = {"fedlora_version": __version__, "task": cfg.data.task, "method": cfg.method, "base_model": cfg.model.name}
+    if cfg.data.task != "instruction":
+        base = getattr(model, "base_model", model)
+        config = getattr(getattr(base, "model", base), "config", None)
+        info["pooling"] = getattr(config, "fedlora_pooling", "pooler")
+        info["labels"] = [str(v) for v in (label_names or [])]
+    return info
+
+
+def load_adapter(path: str | Path, base_model: str | None = None):
+    """``(tokenizer, model)``: a saved fedlora adapter on its base model, through PEFT, in eval mode — the run's exact
+    predictions.  ``path`` is a run directory or its ``adapter/`` folder; ``base_model`` overrides the base recorded
+    in ``adapter_config.json`` (a bundled alias, a hub id or a local folder, e.g. after moving to another machine).
+
+    A plain ``PeftModel.from_pretrained(AutoModelForSequenceClassification...)`` gives the same head weights but
+    BERT's pooler instead of the run's ``model.pooling``; this loader applies the pooling recorded in the folder's
+    ``fedlora.json`` first (:mod:`fedlora.pooling`)."""
+    import json
+
+    import transformers
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from fedlora.pooling import apply_pooling
+
+    folder = Path(path).expanduser()
+    if (folder / "adapter" / "adapter_config.json").is_file():
+        folder = folder / "adapter"
+    if not (folder / "adapter_config.json").is_file():
+        raise ModelError(f"{path} is neither a fedlora run directory nor a PEFT adapter folder (no "
+                         f"adapter_config.json)")
+    peft_config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    info_file = folder / ADAPTER_INFO
+    info = json.loads(info_file.read_text(encoding="utf-8")) if info_file.is_file() else {}
+    base = base_model or peft_config.get("base_model_name_or_path") or info.get("base_model")
+    if not base:
+        raise ModelError(f"{folder}: no base model recorded; pass base_model=")
+    base_path = resolve_model_path(base) if (base in BUNDLED_MODELS or not Path(base).exists()) else base
+    transformers.logging.set_verbosity_error()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base_path)
+        if peft_config.get("task_type") == "CAUSAL_LM":
+            model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+        else:
+            num_labels = len(info.get("labels") or []) or None
+            kwargs = {"num_labels": num_labels} if num_labels else {}
+            model = AutoModelForSequenceClassification.from_pretrained(base_path, **kwargs)
+            apply_pooling(model, info.get("pooling", "pooler"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load base model {base!r} ({base_path}): {exc}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model = PeftModel.from_pretrained(model, str(folder))
+    model.eval()
+    return tokenizer, model
 
 
 @dataclass

@@ -58,6 +58,19 @@ def test_max_examples_subsamples_reproducibly(tmp_path):
     assert len(a.train_rows) == 10 and a.train_rows == b.train_rows and len(a.val_rows) == 50
 
 
+def test_holdout_carves_validation_rows_out_of_training(tmp_path):
+    rows = [{"text": f"t{i}", "label": i % 2} for i in range(50)]
+    tr = _write(tmp_path, "t.jsonl", rows)
+    task = ClassificationTask(_cfg(tr, str(tmp_path / "never-read.jsonl"), holdout=12, max_train_examples=20), seed=3)
+    train, val = {r["text"] for r in task.train_rows}, {r["text"] for r in task.val_rows}
+    assert len(val) == 12 and len(train) == 20 and not train & val
+    again = ClassificationTask(_cfg(tr, tr, holdout=12), seed=3)
+    assert [r["text"] for r in again.val_rows] == [r["text"] for r in task.val_rows]  # seeded
+    assert len(again.train_rows) == 38
+    with pytest.raises(DataError, match="leaves no training rows"):
+        ClassificationTask(_cfg(tr, tr, holdout=50), seed=3)
+
+
 class _Tok:
     pad_token_id = 0
 

@@ -54,30 +54,53 @@ def test_ffa_keeps_A_at_the_seeded_init_and_halves_upload(tmp_path, tiny_config)
 
 
 def test_saved_adapter_reloads_in_peft_and_reproduces_accuracy(tmp_path, tiny_config):
+    """fedlora.load_adapter (PEFT on the base model + the recorded pooling) gives the run's exact predictions; a
+    stock PeftModel on AutoModelForSequenceClassification reads BERT's pooler instead and does not."""
     from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
 
+    from fedlora import load_adapter
     from fedlora.data.tasks import ClassificationTask
-    from fedlora.models import load_classifier
+    from fedlora.models import LoraSlots, inject_lora, load_classifier, resolve_model_path
 
     cfg = tiny_config("method=ffa", "rounds=1")
     res = run_experiment(cfg, out_dir=tmp_path / "run", progress=False, log=lambda *_: None)
+    info = json.loads((res.run_dir / "adapter" / "fedlora.json").read_text())
+    assert info["pooling"] == "mean" and info["labels"] == ["0", "1"] and info["method"] == "ffa"
     task = ClassificationTask(cfg.data, seed=cfg.seed)
-    tok, base = load_classifier(cfg.model, task.num_labels, seed=123)  # a different random head: must be replaced
-    model = PeftModel.from_pretrained(base, str(res.run_dir / "adapter"))
+    tok, model = load_adapter(res.run_dir)
+    assert not model.training
     val = task.tokenise(tok, task.val_rows, task.val_labels, cfg.model.max_length)
     ev = task.evaluate(model, val, 16)
     assert ev["accuracy"] == pytest.approx(res.final_accuracy, abs=1e-12)
     assert ev["loss"] == pytest.approx(res.metrics[-1]["eval_loss"], rel=1e-5)
     # same logits as our own model holding the final global adapter
-    from fedlora.models import LoraSlots, inject_lora
-
     _, ours_base = load_classifier(cfg.model, task.num_labels, seed=7)
     ours = inject_lora(ours_base, cfg.lora)
     LoraSlots.of(ours).load(res.adapter)
     batch = {k: v for k, v in val.batch(range(8)).items() if k != "labels"}
-    model.eval(), ours.eval()
+    ours.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, ours(**batch).logits, rtol=1e-5, atol=1e-6)
+        stock = PeftModel.from_pretrained(
+            AutoModelForSequenceClassification.from_pretrained(resolve_model_path("minilm"), num_labels=2),
+            str(res.run_dir / "adapter")).eval()
+        assert not torch.allclose(stock(**batch).logits, ours(**batch).logits, atol=1e-3)
+    # the head is the trained one, not the fresh zero head
+    assert res.adapter.head and any(v.abs().sum() > 0 for v in res.adapter.head.values())
+
+
+def test_pooler_runs_keep_the_models_own_head(tmp_path, tiny_config):
+    from fedlora import load_adapter
+    from fedlora.data.tasks import ClassificationTask
+
+    cfg = tiny_config("method=ffa", "rounds=1", "model.pooling=pooler")
+    res = run_experiment(cfg, out_dir=tmp_path / "run", progress=False, log=lambda *_: None)
+    assert json.loads((res.run_dir / "adapter" / "fedlora.json").read_text())["pooling"] == "pooler"
+    task = ClassificationTask(cfg.data, seed=cfg.seed)
+    tok, model = load_adapter(res.run_dir / "adapter", base_model="minilm")
+    val = task.tokenise(tok, task.val_rows, task.val_labels, cfg.model.max_length)
+    assert task.evaluate(model, val, 16)["accuracy"] == pytest.approx(res.final_accuracy, abs=1e-12)
 
 
 def test_dp_run_reports_growing_epsilon_within_target(tmp_path, tiny_config):
@@ -87,8 +110,15 @@ def test_dp_run_reports_growing_epsilon_within_target(tmp_path, tiny_config):
     rows = _csv(res.run_dir)
     eps = [float(r["epsilon"]) for r in rows]
     assert 0 < eps[0] < eps[1] <= 8.0
-    per_client = json.loads((res.run_dir / "metrics.jsonl").read_text().splitlines()[-1])["epsilon_per_client"]
+    last = json.loads((res.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    per_client = last["epsilon_per_client"]
     assert len(per_client) == 3 and max(per_client.values()) == pytest.approx(eps[1])
+    # nothing computed from a client's data leaves it but the privatised tensors: no training loss, no per-client
+    # accuracy on its local validation rows (eval.per_client is on by default and ignored under DP)
+    assert cfg.eval.per_client
+    assert all(r["loss"] == "" for r in rows)
+    assert "client_accuracy" not in last and last["loss"] is None
+    assert last["accuracy"] is not None  # the server's own validation set is still scored
 
 
 def test_same_seed_same_adapter(tmp_path, tiny_config):

@@ -316,7 +316,8 @@ def test_flexlora_client_above_the_stored_rank_trains_every_component_on_a_real_
     from fedlora.models import LoraSlots, inject_lora, load_classifier, target_shapes
 
     cfg = load_config(None, ["method=flexlora", "lora.rank_distribution=explicit", "lora.client_ranks=[2, 16]",
-                             "clients.num=2", f"flexlora.svd_split={split}", "data.max_train_examples=64"])
+                             "clients.num=2", f"flexlora.svd_split={split}", "data.max_train_examples=64",
+                             "model.head_init=random"])  # a zero head would pass no gradient to any B column
     tokenizer, base = load_classifier(cfg.model, 2, 0)
     shapes = target_shapes(base, cfg.lora)
     model = inject_lora(base, cfg.lora, "SEQ_CLS", ranks={n: 16 for n in shapes})

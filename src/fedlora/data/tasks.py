@@ -58,8 +58,11 @@ class ClassificationTask:
     def __init__(self, data_cfg, seed: int = 0):
         self.cfg = data_cfg
         self.seed = seed
-        self.train_rows = self._load(data_cfg.train, data_cfg.max_train_examples, "train")
-        self.val_rows = self._load(data_cfg.validation, data_cfg.max_eval_examples, "validation")
+        if getattr(data_cfg, "holdout", 0):
+            self.train_rows, self.val_rows = self._carve(data_cfg.holdout)
+        else:
+            self.train_rows = self._load(data_cfg.train, data_cfg.max_train_examples, "train")
+            self.val_rows = self._load(data_cfg.validation, data_cfg.max_eval_examples, "validation")
         self.label_names = self._label_names()
         self.label_to_id = {str(v): i for i, v in enumerate(self.label_names)}
         self.train_labels = self._encode_labels(self.train_rows, data_cfg.train)
@@ -94,6 +97,23 @@ class ClassificationTask:
                            .choice(len(rows), size=limit, replace=False))
             rows = [rows[i] for i in keep]
         return rows
+
+    def _carve(self, holdout: int) -> tuple[list[dict], list[dict]]:
+        """``data.holdout``: a seeded set of ``holdout`` training rows becomes the validation set; the rest (then
+        ``max_train_examples`` of it) is the training data.  The validation file is not read."""
+        rows = self._load(self.cfg.train, 0, "train")
+        if holdout >= len(rows):
+            raise DataError(f"data.holdout = {holdout} leaves no training rows ({self.cfg.train!r} has {len(rows)})")
+        held = set(np.random.default_rng([self.seed, 19]).choice(len(rows), size=holdout, replace=False).tolist())
+        val = [r for i, r in enumerate(rows) if i in held]
+        train = [r for i, r in enumerate(rows) if i not in held]
+        limit = self.cfg.max_train_examples
+        if limit and limit < len(train):
+            keep = np.sort(np.random.default_rng([self.seed, 11]).choice(len(train), size=limit, replace=False))
+            train = [train[i] for i in keep]
+        if self.cfg.max_eval_examples and self.cfg.max_eval_examples < len(val):
+            val = val[: self.cfg.max_eval_examples]
+        return train, val
 
     def _label_names(self) -> list:
         if self.cfg.labels:

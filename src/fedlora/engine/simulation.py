@@ -43,8 +43,9 @@ from fedlora.layers import block_index, modules_of, submodel
 from fedlora.memory import release_freed_memory, return_large_frees_promptly
 from fedlora.methods import get_method
 from fedlora.methods.base import FederationSpec, ServerState, Update
-from fedlora.models import (AdapterPool, BaseWeights, check_ranks, export_peft_adapter, inject_lora, load_causal_lm,
-                            WeightFile, load_classifier, resolve_model_path, target_shapes)
+from fedlora.models import (ADAPTER_INFO, AdapterPool, BaseWeights, WeightFile, adapter_info, check_ranks,
+                            export_peft_adapter, inject_lora, load_causal_lm, load_classifier, resolve_model_path,
+                            target_shapes)
 from fedlora.privacy import ClientAccountant, ClientPrivacy, plan_privacy
 from fedlora.ranks import RankConfig, client_rank_configs, describe_config, module_ranks, smallest_config
 from fedlora.report import MetricsLog, plot_run
@@ -327,7 +328,8 @@ def build_engine(prepared: Prepared, log=print) -> Engine:
         tokenizer, base_model = load_causal_lm(cfg.model)
         task_type = "CAUSAL_LM"
     else:
-        tokenizer, base_model = load_classifier(cfg.model, task.num_labels, cfg.seed)
+        tokenizer, base_model = load_classifier(cfg.model, task.num_labels, cfg.seed,
+                                                zero_head_ok=not get_method(cfg.method).scores_layers_by_gradient)
         task_type = "SEQ_CLS"
     shapes = target_shapes(base_model, cfg.lora)
     client_ranks = {k: module_ranks(c, shapes, cfg.lora.mlp_modules) for k, c in enumerate(prepared.rank_configs)}
@@ -582,6 +584,13 @@ def _evaluate_global(eng: Engine, method, state: ServerState, generate: bool) ->
         eng.base.set(base_delta)
 
 
+def per_client_evaluation(cfg: ExperimentConfig) -> bool:
+    """``eval.per_client``, except under DP: a client's accuracy on its own validation rows is a statistic of its
+    data released outside the privacy accounting, so private runs score the global model on the server's
+    validation set only."""
+    return bool(cfg.eval.per_client) and not cfg.dp.enabled
+
+
 def _evaluate(eng: Engine, generate: bool) -> dict:
     """Global model on the (unseen-task) validation set, and on each client's local validation split."""
     cfg, task = eng.prepared.cfg, eng.prepared.task
@@ -592,7 +601,7 @@ def _evaluate(eng: Engine, generate: bool) -> dict:
         row = {"eval_loss": ev["loss"], "rougeL_teacher_forced": ev["rougeL_teacher_forced"]}
         if "rougeL" in ev:
             row["rougeL"] = ev["rougeL"]
-        if cfg.eval.per_client:
+        if per_client_evaluation(cfg):
             per = {}
             for k, c in enumerate(eng.prepared.clients):
                 if c.val_rows:
@@ -603,7 +612,7 @@ def _evaluate(eng: Engine, generate: bool) -> dict:
         return row
     ev = task.evaluate(eng.model, eng.global_val, bs)
     row = {"accuracy": ev["accuracy"], "eval_loss": ev["loss"]}
-    if cfg.eval.per_client:
+    if per_client_evaluation(cfg):
         per = {k: task.evaluate(eng.model, eng.client_val[k], bs)["accuracy"]
                for k in range(len(eng.prepared.clients)) if len(eng.client_val[k])}
         row["client_accuracy"] = per
@@ -625,6 +634,9 @@ def _export(eng: Engine, method, state: ServerState, final: Adapter, run_dir: Pa
     else:
         export_peft_adapter(final, eng.prepared.cfg.lora, eng.task_type,
                             resolve_model_path(eng.prepared.cfg.model.name, eng.prepared.cfg.model), tmp)
+    cfg = eng.prepared.cfg
+    info = adapter_info(eng.model, cfg, getattr(eng.prepared.task, "label_names", None))
+    (tmp / ADAPTER_INFO).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)
@@ -682,7 +694,8 @@ def _collect_updates(t, plans, eng: Engine, prepared, accountant, progress, meth
         del sent
         receive_upload(eng, plan, blob, update, out, accountant, method, stream)
         del blob
-        bar.set_postfix(loss=f"{update.metrics['loss']:.3f}")
+        if "loss" in update.metrics:
+            bar.set_postfix(loss=f"{update.metrics['loss']:.3f}")
         release_freed_memory()
         fault_point("train", t)
     bar.close()
@@ -771,7 +784,7 @@ def _receive(blob: bytes, plan, initial: Adapter, cfg) -> tuple[dict, str | None
 
 def _round_row(t, received: RoundUpdates, prepared, accountant, cfg) -> dict:
     updates = received.updates
-    trained = [u for u in updates if not u.metrics.get("skipped")]
+    trained = [u for u in updates if not u.metrics.get("skipped") and "loss" in u.metrics]  # none under DP
     n = sum(u.num_examples for u in trained)
     loss = sum(u.metrics["loss"] * u.num_examples for u in trained) / n if n else None
     row = {"round": t, "loss": loss, "accuracy": None, "eval_loss": None, "upload_bytes": received.up_bytes,

@@ -170,6 +170,10 @@ class Method(ABC):
     """True when aggregation is a per-tensor average, so ``robust.*`` rules and norm bounds apply."""
     needs_memory_model: ClassVar[bool] = False
     """True for layer-assignment methods: the engine builds layer groups, the memory model and client budgets."""
+    scores_layers_by_gradient: ClassVar[bool] = False
+    """True when clients score LoRA layers by gradient norms at the downloaded adapter (Fed-piLot's IG-Score): at
+    B = 0 those are all zero under a zero classification head, so ``model.head_init = "auto"`` keeps the model's
+    random head for such methods."""
 
     def __init__(self, cfg: Any, spec: FederationSpec | None = None):
         self.cfg = cfg

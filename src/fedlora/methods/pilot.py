@@ -175,6 +175,7 @@ class LayerAssignment(Method):
 
     averages_tensors = False
     needs_memory_model = True
+    scores_layers_by_gradient = True
     use_momentum = False
     use_dwa = False
 
