@@ -329,3 +329,15 @@ def test_fit_layers_answers_fit_the_true_memory_and_a_budget_for_everything_trai
             assert fit_layers(spec, b, values=values, position_aware=position_aware) == [j for j in range(n)
                                                                                           if values[j] > 0]
             assert fit_layers(spec, b, order=order, position_aware=position_aware) == list(range(n))
+
+
+def test_a_client_that_can_afford_no_layer_does_not_dilute_the_global_score():
+    method, s0 = _pilot_method()
+    ups = _pilot_updates(s0, 1)
+    reports = ([0.0, 0.0], [0.25, 0.75], [0.5, 0.5])  # client 0's budget fits no layer alone
+    ups = [type(u)(u.client_id, u.num_examples, u.tensors, report={"affordable_scores": r}) for u, r in zip(ups, reports)]
+    g = method.aggregate(1, s0, ups).extra["global_scores"]
+    assert g == pytest.approx([(20 * 0.25 + 30 * 0.5) / 50, (20 * 0.75 + 30 * 0.5) / 50])
+    assert sum(g) == pytest.approx(1.0)
+    nobody = [type(u)(u.client_id, u.num_examples, u.tensors, report={"affordable_scores": [0.0, 0.0]}) for u in ups]
+    assert method.aggregate(1, s0, nobody).extra.get("global_scores") is None

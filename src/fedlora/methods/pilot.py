@@ -223,9 +223,12 @@ class LayerAssignment(Method):
             extra.update({f"momentum/{k}": v for k, v in new_momentum.items()})
             extra["momentum_steps"] = t
         extra["coverage"] = coverage[:num_layers]
-        reported = [u.report["affordable_scores"] for u in updates if "affordable_scores" in u.report]
+        # A client that can afford no layer reports all zeros: it says nothing about which layers matter, so it is
+        # left out of Γ̂'s weighted mean instead of shrinking Γ̂ towards 0 (which would tilt Γ'' towards Γ').
+        informative = [u for u in updates if sum(u.report.get("affordable_scores") or ()) > 0]
+        reported = [u.report["affordable_scores"] for u in informative]
         if reported:
-            weights = [u.num_examples for u in updates if "affordable_scores" in u.report]
+            weights = [u.num_examples for u in informative]
             extra["global_scores"] = update_global_scores(state.extra.get("global_scores"), reported, weights,
                                                           p.score_decay)
         return ServerState(state.adapter.with_tensors(new), extra)
