@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["--set", "rounds=3", "--set", "data.max_train_examples=60", "--set", "data.max_eval_examples=16",
         "--set", "clients.num=3", "--set", "clients.partition=iid", "--set", "train.local_steps=2",
         "--set", "train.batch_size=8", "--set", "model.max_length=24", "--set", "dp.enabled=true",
-        "--set", "dp.noise_multiplier=1.0", "--set", "eval.max_client_examples=4"]
+        "--set", "dp.noise_multiplier=1.0", "--set", "eval.max_client_examples=4",
+        "--set", "server.optimizer=fedadam"]  # the server's moments must survive kill -9 too
 
 
 def _state():

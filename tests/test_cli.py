@@ -41,7 +41,8 @@ def test_bad_data_file_fails_before_the_model_loads(tmp_path):
 def test_info_lists_methods_models_and_data():
     r = _fedlora("info", "--config-keys")
     assert r.returncode == 0
-    for needle in ("fedit", "ffa", "minilm", "bundled:sst2/train", "lora.rank", "dirichlet"):
+    for needle in ("fedit", "ffa", "minilm", "bundled:sst2/train", "lora.rank", "dirichlet", "fedadam", "fedyogi",
+                   "server.momentum"):
         assert needle in r.stdout
 
 

@@ -132,6 +132,11 @@ def _cmd_info(args) -> int:
     print("  or a local .jsonl/.json/.csv/.tsv/.parquet file (optionally .gz), or hf:DATASET_ID[:CONFIG]:SPLIT")
     print("partitioners: iid, dirichlet (clients.dirichlet_alpha), label_skew (FFA-LoRA's fixed proportions)")
     print("optimisers: adamw, sgd;  DP-SGD: [dp] enabled = true (Opacus, RDP accounting)")
+    from fedlora.methods import available_methods, get_method
+    from fedlora.server_optimizer import OPTIMIZERS
+
+    averaging = [n for n in available_methods() if get_method(n).accepts_server_optimizer]
+    print(f"server optimisers (server.optimizer): {', '.join(OPTIMIZERS)} — for {', '.join(averaging)}")
     if args.config_keys:
         print("config keys:")
         for key, default, help_ in describe():

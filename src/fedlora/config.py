@@ -152,6 +152,20 @@ class RobustConfig:
 
 
 @dataclass
+class ServerConfig:
+    optimizer: str = _f("fedavg", "Server optimiser on the averaged update (Reddi et al., ICLR 2021): 'fedavg' (adopt the "
+                        "average; with server.lr != 1 a step along it), 'fedavgm' (server momentum), 'fedadam', "
+                        "'fedyogi', 'fedadagrad'. Methods whose aggregate is an average only (fedit, ffa).",
+                        choices=("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"))
+    lr: float = _f(0.0, "Server step size eta; 0 = the optimiser's usual step (1 for fedavg/fedavgm, 1e-2 for the "
+                   "adaptive ones).")
+    momentum: float = _f(0.9, "fedavgm: server momentum beta.")
+    beta1: float = _f(0.9, "fedadam/fedyogi/fedadagrad: first-moment decay beta1.")
+    beta2: float = _f(0.99, "fedadam/fedyogi: second-moment decay beta2.")
+    eps: float = _f(1e-3, "fedadam/fedyogi/fedadagrad: adaptivity tau (the paper's experiments mostly use 1e-3).")
+
+
+@dataclass
 class EvalConfig:
     every: int = _f(1, "Evaluate the global model every N rounds (and always after the last).")
     per_client: bool = _f(True, "Also evaluate the global model on each client's local validation split.")
@@ -240,6 +254,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     dp: DPConfig = field(default_factory=DPConfig)
     robust: RobustConfig = field(default_factory=RobustConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     flexlora: FlexLoraConfig = field(default_factory=FlexLoraConfig)
     hetlora: HetLoraConfig = field(default_factory=HetLoraConfig)
@@ -406,7 +421,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _need(cfg.method in methods, "method", cfg.method, "one of " + ", ".join(methods))
     _need(cfg.rounds >= 1, "rounds", cfg.rounds, "a positive integer")
     _need(cfg.seed >= 0, "seed", cfg.seed, "a non-negative integer")
-    for name in ("model", "lora", "data", "clients", "train", "dp", "robust", "eval", "flexlora", "hetlora", "flora",
+    for name in ("model", "lora", "data", "clients", "train", "dp", "robust", "server", "eval", "flexlora", "hetlora", "flora",
                  "memory", "pilot"):
         _check_choices(getattr(cfg, name), f"{name}.")
 
@@ -494,6 +509,12 @@ def validate(cfg: ExperimentConfig) -> None:
     _need(r.norm_bound >= 0 and math.isfinite(r.norm_bound), "robust.norm_bound", r.norm_bound,
           "a non-negative finite number (0 = off)")
     _need(r.max_update_mb >= 0, "robust.max_update_mb", r.max_update_mb, "non-negative (0 = automatic)")
+    sv = cfg.server
+    _need(sv.lr >= 0 and math.isfinite(sv.lr), "server.lr", sv.lr, "a non-negative finite number (0 = the usual step)")
+    _need(0 <= sv.momentum < 1, "server.momentum", sv.momentum, "in [0, 1)")
+    _need(0 <= sv.beta1 < 1, "server.beta1", sv.beta1, "in [0, 1)")
+    _need(0 <= sv.beta2 < 1, "server.beta2", sv.beta2, "in [0, 1)")
+    _need(sv.eps > 0 and math.isfinite(sv.eps), "server.eps", sv.eps, "a positive finite number")
     _need(cfg.eval.every >= 1, "eval.every", cfg.eval.every, "a positive integer")
     _need(1 <= cfg.eval.max_new_tokens <= 2048, "eval.max_new_tokens", cfg.eval.max_new_tokens, "in [1, 2048]")
     _need(cfg.eval.generate_every >= 0, "eval.generate_every", cfg.eval.generate_every, "a non-negative integer")

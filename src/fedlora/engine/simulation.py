@@ -41,7 +41,7 @@ from fedlora.data.tasks import ClassificationTask
 from fedlora.errors import ConfigError, UpdateError
 from fedlora.layers import block_index, modules_of, submodel
 from fedlora.memory import release_freed_memory, return_large_frees_promptly
-from fedlora.methods import get_method
+from fedlora.methods import available_methods, get_method
 from fedlora.methods.base import FederationSpec, ServerState, Update
 from fedlora.models import (ADAPTER_INFO, AdapterPool, BaseWeights, WeightFile, adapter_info, check_ranks,
                             export_peft_adapter, inject_lora, load_causal_lm, load_classifier, resolve_model_path,
@@ -144,6 +144,10 @@ def _by_task(cfg: ExperimentConfig, task) -> tuple[list[ClientData], list[int], 
     return clients, global_rows, heldout
 
 
+def _server_optimizer_methods() -> list[str]:
+    return [n for n in available_methods() if get_method(n).accepts_server_optimizer]
+
+
 def _check_method_options(cfg: ExperimentConfig, method_cls) -> None:
     if not method_cls.averages_tensors:
         r = cfg.robust
@@ -151,6 +155,11 @@ def _check_method_options(cfg: ExperimentConfig, method_cls) -> None:
             raise ConfigError(f"method {cfg.method!r} does not average tensors, so robust.aggregation = "
                               f"{r.aggregation!r} / robust.norm_bound = {r.norm_bound} cannot apply; use fedit or ffa "
                               f"for robust aggregation")
+    if not method_cls.accepts_server_optimizer and (cfg.server.optimizer != "fedavg" or cfg.server.lr not in (0, 1)):
+        own = f" ({method_cls.own_server_step})" if method_cls.own_server_step else ""
+        raise ConfigError(f"method {cfg.method!r} does not aggregate by averaging uploaded tensors{own}, so "
+                          f"server.optimizer = {cfg.server.optimizer!r} / server.lr = {cfg.server.lr} cannot apply; "
+                          f"server optimisers work with: {', '.join(_server_optimizer_methods())}")
     if method_cls.needs_memory_model and not cfg.memory.budgets:
         raise ConfigError(f"method {cfg.method!r} assigns LoRA layers within each client's memory budget: set "
                           f"memory.budgets (e.g. [0.5, 0.75, 1.0] with memory.unit = 'fraction')")

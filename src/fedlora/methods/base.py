@@ -18,6 +18,7 @@ from torch import Tensor
 
 from fedlora.adapters import Adapter
 from fedlora.robust import combine
+from fedlora.server_optimizer import ServerOptimizer, server_step
 
 
 @dataclass(frozen=True)
@@ -132,9 +133,10 @@ def weighted_average(tensors: list[Tensor], weights: list[float]) -> Tensor:
     return combine(tensors, weights, "mean")
 
 
-def average_uploaded(state: ServerState, updates: list[Update], robust: Any = None) -> ServerState:
+def average_uploaded(state: ServerState, updates: list[Update], robust: Any = None, server: Any = None) -> ServerState:
     """FedAvg of every uploaded tensor with data-size weights (or the robust rule of ``cfg.robust``); tensors nobody
-    uploads keep their global value."""
+    uploads keep their global value.  With a ``server`` section other than plain FedAvg, the average is not adopted
+    outright: the server optimiser steps along ``average − global`` (:mod:`fedlora.server_optimizer`)."""
     if not updates:
         return state
     weights = data_weights(updates)
@@ -142,7 +144,12 @@ def average_uploaded(state: ServerState, updates: list[Update], robust: Any = No
     trim = getattr(robust, "trim_fraction", 0.1)
     keys = updates[0].tensors.keys()
     merged = {k: combine([u.tensors[k] for u in updates], weights, rule, trim) for k in keys}
-    return ServerState(state.adapter.with_tensors(merged), dict(state.extra))
+    extra = dict(state.extra)
+    opt = ServerOptimizer.from_config(server)
+    if not opt.is_identity:
+        current = state.adapter.to_flat()
+        merged, extra = server_step(opt, current, merged, extra)
+    return ServerState(state.adapter.with_tensors(merged), extra)
 
 
 def average_head(state: ServerState, updates: list[Update], weights: list[float]) -> dict[str, Tensor]:
@@ -168,6 +175,11 @@ class Method(ABC):
     """False: every client must use the same ranks; the engine gives all the smallest configuration in use."""
     averages_tensors: ClassVar[bool] = True
     """True when aggregation is a per-tensor average, so ``robust.*`` rules and norm bounds apply."""
+    accepts_server_optimizer: ClassVar[bool] = False
+    """True when the aggregate is :func:`average_uploaded` (an average of uploaded tensors), so ``server.optimizer``
+    can step along it; methods with their own server rule refuse ``server.*`` (see the engine's option check)."""
+    own_server_step: ClassVar[str] = ""
+    """Where a method without ``accepts_server_optimizer`` has its own server step, said in the refusal."""
     needs_memory_model: ClassVar[bool] = False
     """True for layer-assignment methods: the engine builds layer groups, the memory model and client budgets."""
     scores_layers_by_gradient: ClassVar[bool] = False
@@ -190,6 +202,10 @@ class Method(ABC):
     @abstractmethod
     def aggregate(self, round_idx: int, state: ServerState, updates: list[Update]) -> ServerState:
         """Combine the round's updates into the next global state."""
+
+    def average(self, state: ServerState, updates: list[Update]) -> ServerState:
+        """:func:`average_uploaded` with this run's ``robust`` rule and ``server`` optimiser."""
+        return average_uploaded(state, updates, getattr(self.cfg, "robust", None), getattr(self.cfg, "server", None))
 
     def global_adapter(self, state: ServerState) -> Adapter:
         """The adapter that is evaluated and exported (PEFT format)."""

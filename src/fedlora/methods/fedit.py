@@ -8,13 +8,14 @@ and FedEx-LoRA address.
 from __future__ import annotations
 
 from fedlora.adapters import ROLE_A, ROLE_B
-from fedlora.methods.base import ClientPlan, Method, ServerState, Update, average_uploaded, register
+from fedlora.methods.base import ClientPlan, Method, ServerState, Update, register
 
 
 @register
 class FedIT(Method):
     name = "fedit"
     summary = "FedAvg of both LoRA factors (and the head) with data-size weights; homogeneous rank."
+    accepts_server_optimizer = True
     citation = "Zhang et al., Towards Building the Federated GPT: Federated Instruction Tuning, 2023"
 
     def configure(self, round_idx: int, state: ServerState, client_ids: list[int]) -> list[ClientPlan]:
@@ -23,4 +24,4 @@ class FedIT(Method):
         return [ClientPlan(cid, download, train=roles, upload=roles) for cid in client_ids]
 
     def aggregate(self, round_idx: int, state: ServerState, updates: list[Update]) -> ServerState:
-        return average_uploaded(state, updates, getattr(self.cfg, "robust", None))
+        return self.average(state, updates)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from fedlora.adapters import ROLE_B, Adapter
 from fedlora.errors import UpdateError
-from fedlora.methods.base import ClientPlan, Method, ServerState, Update, average_uploaded, register
+from fedlora.methods.base import ClientPlan, Method, ServerState, Update, register
 
 
 def a_checksum(adapter: Adapter) -> int:
@@ -33,6 +33,7 @@ def a_checksum(adapter: Adapter) -> int:
 class FFALoRA(Method):
     name = "ffa"
     summary = "FFA-LoRA: A frozen from a shared seed and never sent; only B (and the head) trained and averaged."
+    accepts_server_optimizer = True
     citation = "Sun et al., Improving LoRA in Privacy-preserving Federated Learning, ICLR 2024"
 
     def configure(self, round_idx: int, state: ServerState, client_ids: list[int]) -> list[ClientPlan]:
@@ -47,4 +48,4 @@ class FFALoRA(Method):
             if got is not None and int(got) != expected:
                 raise UpdateError(f"client {u.client_id} trained with a different A (checksum {int(got)} != "
                                   f"{expected}); FFA-LoRA needs the identical shared A on every client")
-        return average_uploaded(state, updates, getattr(self.cfg, "robust", None))
+        return self.average(state, updates)

@@ -237,6 +237,7 @@ class LayerAssignment(Method):
 @register
 class FedPilot(LayerAssignment):
     name = "pilot"
+    own_server_step = "its spatial-temporal aggregation has its own server step: pilot.server_lr"
     summary = ("Fed-piLot: each client trains the LoRA layers a knapsack picks (value = local-global IG-Score, "
                "weight = memory, capacity = its budget); STAgg with dynamic weights.")
     citation = "Zhang et al., Fed-piLot: Optimizing LoRA Assignment for Efficient Federated FM Fine-Tuning, 2024"
