@@ -51,7 +51,7 @@ def test_O5_ffa_trains_only_B_and_uploads_no_A(monkeypatch):
     seen = []
     real = client_mod.make_optimizer
     monkeypatch.setattr(client_mod, "make_optimizer",
-                        lambda params, cfg, lr: seen.extend(params) or real(params, cfg, lr))
+                        lambda params, cfg, lr, **kw: seen.extend(params) or real(params, cfg, lr, **kw))
     up = _run(model, slots, init, _data(), train_cfg(local_steps=5, optimizer="adamw", lr=0.01))
     a_param, b_param = slots.params["0.lora_A.weight"], slots.params["0.lora_B.weight"]
     assert [id(p) for p in seen] == [id(b_param)]
@@ -297,3 +297,39 @@ def test_length_sorted_micro_batches_give_the_full_batch_step(dp):
     for k in outs[0]:
         torch.testing.assert_close(outs[0][k], outs[1][k], rtol=1e-9, atol=1e-12)
     assert any(not torch.equal(outs[0][k], plan.download[k]) for k in outs[0])
+
+
+@pytest.mark.parametrize("dp", [False, True])
+def test_head_lr_scales_the_head_step_only(dp):
+    """train.head_lr: one SGD step moves the head by head_lr/lr times the plain step and B exactly as before (under
+    DP too: the noise is added to the clipped gradient before the optimiser splits it into groups)."""
+    from peft import LoraConfig, get_peft_model
+
+    from fedlora.adapters import initial_adapter
+    from fedlora.data.tasks import ClassificationTask
+    from fedlora.models import LoraSlots
+    from tests.conftest import tiny_bert
+
+    model = get_peft_model(tiny_bert().double(), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                                           task_type="SEQ_CLS"))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    slots = LoraSlots.of(model)
+    init = initial_adapter(slots.shapes, 4, 8.0, 0, head={k: v.double() for k, v in slots.head().items()})
+    init = init.with_tensors({k: v.double() + 0.1 for k, v in init.to_flat(frozenset({"lora_B"})).items()})
+    roles = frozenset({"lora_B", "head"})
+    plan = ClientPlan(0, init.to_flat(roles), train=roles, upload=roles)
+    priv = ClientPrivacy(noise_multiplier=0.5, sample_rate=0.99, steps_per_round=1, clip=0.05, delta=1e-5) if dp \
+        else None
+    ups = [train_client(model=model, slots=slots, initial=init, plan=plan, examples=_bert_examples(),
+                        loss_fn=ClassificationTask.loss, train_cfg=train_cfg(lr=0.5, head_lr=h, batch_size=9),
+                        round_idx=1, seed=0, privacy=priv).tensors for h in (0.0, 1.5)]
+    for k, v in ups[0].items():
+        if "lora_B" in k:
+            torch.testing.assert_close(ups[1][k], v, rtol=1e-10, atol=1e-12)
+        else:
+            torch.testing.assert_close(ups[1][k] - plan.download[k], 3 * (v - plan.download[k]), rtol=1e-8,
+                                       atol=1e-12)

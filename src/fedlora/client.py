@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fedlora.adapters import Adapter
+from fedlora.adapters import ROLE_HEAD, Adapter, role_of
 from fedlora.data.tasks import Examples
 from fedlora.methods.base import ClientPlan, Update
 from fedlora.methods.ffa import a_checksum
@@ -35,10 +35,27 @@ def round_lr(train_cfg, round_idx: int) -> float:
     return train_cfg.lr * getattr(train_cfg, "lr_decay", 1.0) ** max(0, round_idx - 1)
 
 
-def make_optimizer(params: list[nn.Parameter], train_cfg, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(params: list[nn.Parameter], train_cfg, lr: float, head: tuple[list[nn.Parameter], float] = ((), 0.0)
+                   ) -> torch.optim.Optimizer:
+    """The local optimiser; ``head = (head parameters, their lr)`` puts the task head in its own parameter group
+    (``train.head_lr``).  Under DP-SGD this is post-processing: noise is added to the whole clipped gradient first."""
+    head_params, head_lr = head
+    ids = {id(p) for p in head_params}
+    groups: list[dict] = [{"params": [p for p in params if id(p) not in ids]}]
+    if ids:
+        groups.append({"params": [p for p in params if id(p) in ids], "lr": head_lr})
+    groups = [g for g in groups if g["params"]]
     if train_cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=train_cfg.momentum, weight_decay=train_cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=train_cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=lr, momentum=train_cfg.momentum, weight_decay=train_cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=train_cfg.weight_decay)
+
+
+def round_head_lr(train_cfg, round_idx: int) -> float:
+    """The head's learning rate in round t: ``head_lr · lr_decay^(t−1)``, or the LoRA rate when ``head_lr`` is 0."""
+    head_lr = getattr(train_cfg, "head_lr", 0.0)
+    if not head_lr:
+        return round_lr(train_cfg, round_idx)
+    return head_lr * getattr(train_cfg, "lr_decay", 1.0) ** max(0, round_idx - 1)
 
 
 def client_seed(seed: int, round_idx: int, client_id: int) -> int:
@@ -97,7 +114,9 @@ def train_client(*, model: nn.Module, slots: LoraSlots, initial: Adapter | None,
     sort_by_length = hasattr(examples, "input_ids") and (privacy is not None or isinstance(examples, Examples))
     lengths = np.fromiter((len(x) for x in examples.input_ids), dtype=np.int64, count=n) if sort_by_length else None
 
-    optimizer = make_optimizer(params, train_cfg, round_lr(train_cfg, round_idx))
+    head_params = [p for k, p in slots.params.items() if role_of(k) == ROLE_HEAD and p.requires_grad]
+    optimizer = make_optimizer(params, train_cfg, round_lr(train_cfg, round_idx),
+                               head=(head_params, round_head_lr(train_cfg, round_idx)))
     forward_model: nn.Module = model
     gsm = None
     if privacy is not None:

@@ -122,6 +122,9 @@ class TrainConfig:
     optimizer: str = _f("adamw", "Local optimiser.", choices=("adamw", "sgd"))
     lr: float = _f(1e-2, "Local learning rate (of round 1).")
     lr_decay: float = _f(0.88, "Multiply the learning rate by this every round: round t uses lr * lr_decay^(t-1).")
+    head_lr: float = _f(0.0, "Learning rate of the classification head (round 1; decays with lr_decay); 0 = train.lr. "
+                        "A linear head on normalised features needs large weights, which small LoRA rates reach "
+                        "slowly (docs/methods.md §4b).")
     weight_decay: float = _f(0.0, "Weight decay.")
     momentum: float = _f(0.0, "SGD momentum.")
     batch_size: int = _f(16, "Examples per optimiser step (the expected Poisson batch size under DP).")
@@ -484,6 +487,8 @@ def validate(cfg: ExperimentConfig) -> None:
 
     t = cfg.train
     _need(t.lr > 0 and math.isfinite(t.lr), "train.lr", t.lr, "a positive finite number")
+    _need(t.head_lr >= 0 and math.isfinite(t.head_lr), "train.head_lr", t.head_lr,
+          "a non-negative finite number (0 = train.lr)")
     _need(0 < t.lr_decay <= 1, "train.lr_decay", t.lr_decay, "in (0, 1]")
     _need(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "non-negative")
     _need(0 <= t.momentum < 1, "train.momentum", t.momentum, "in [0, 1)")
