@@ -35,7 +35,7 @@ def test_fedavgm_accumulates_momentum_over_rounds():
     torch.testing.assert_close(x1["w"], torch.tensor([2.0, -2.0, 0.5], dtype=torch.float64))
     x2, extra = server_step(opt, x1, _avg(2.0, -1.0, 0.5), extra)   # Δ2 = (0, 1, 0): v2 = 0.5·v1 + Δ2
     torch.testing.assert_close(x2["w"], torch.tensor([2.5, -1.0, 0.5], dtype=torch.float64))
-    torch.testing.assert_close(extra["server_opt/m/w"], torch.tensor([0.5, 1.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(extra["server_opt/velocity/w"], torch.tensor([0.5, 1.0, 0.0], dtype=torch.float64))
 
 
 @pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedadagrad"])
@@ -56,6 +56,26 @@ def test_adaptive_optimisers_follow_reddi_algorithm_2(name):
             v = v + d * d
         ref = ref + eta * m / (v.sqrt() + tau)
         torch.testing.assert_close(x["w"], ref, rtol=1e-12, atol=1e-12)
+
+
+def test_yogi_shrinks_v_when_the_update_gets_small_and_adagrad_uses_beta1():
+    """Hand-computed: a large update, then a small one, so that v > Δ² and Yogi must lower v (sign +1), unlike Adam's
+    decay and Adagrad's growth; one coordinate, β₁ = 0.5, β₂ = 0.75, τ = 0.1, η = 1."""
+    x = {"w": torch.tensor([0.0], dtype=torch.float64)}
+    opt = dict(lr=1.0, beta1=0.5, beta2=0.75, eps=0.1)
+    expected_v = {"fedyogi": [0.26, 0.2575], "fedadam": [0.2575, 0.195625], "fedadagrad": [1.01, 1.02]}
+    for name, (v1, v2) in expected_v.items():
+        o = ServerOptimizer(name, **opt)
+        # round 1: Δ = 1, v0 = τ² = 0.01 < Δ²: Yogi v1 = 0.01 + 0.25 = 0.26; Adam 0.75·0.01 + 0.25 = 0.2575
+        x1, extra = server_step(o, x, {"w": x["w"] + 1.0}, {})
+        assert float(extra["server_opt/v/w"]) == pytest.approx(v1)
+        m1 = 0.5  # β₁·0 + (1 − β₁)·1: FedAdagrad keeps β₁ (Algorithm 2)
+        assert float(x1["w"]) == pytest.approx(m1 / (v1 ** 0.5 + 0.1))
+        # round 2: Δ = 0.1, Δ² = 0.01 < v1: Yogi v2 = v1 − 0.25·0.01·sign(v1 − 0.01) = v1 − 0.0025
+        x2, extra = server_step(o, x1, {"w": x1["w"] + 0.1}, extra)
+        assert float(extra["server_opt/v/w"]) == pytest.approx(v2)
+        m2 = 0.5 * m1 + 0.5 * 0.1
+        assert float(x2["w"]) == pytest.approx(float(x1["w"]) + m2 / (v2 ** 0.5 + 0.1))
 
 
 def test_the_usual_step_when_server_lr_is_zero():
@@ -82,7 +102,7 @@ def test_averaging_methods_step_with_the_server_optimizer_and_keep_its_state(met
     new = m.aggregate(1, state, ups)
     torch.testing.assert_close(new.adapter.modules["m"].B, torch.full((4, 2), 0.875, dtype=torch.float64))
     torch.testing.assert_close(new.adapter.modules["m"].A, state.adapter.modules["m"].A)  # not uploaded: unchanged
-    assert set(new.extra) == {"server_opt/m/m.lora_B.weight"}
+    assert set(new.extra) == {"server_opt/velocity/m.lora_B.weight"}
 
 
 def test_methods_with_their_own_server_rule_refuse_a_server_optimizer():

@@ -1,9 +1,9 @@
 """Server optimisers on the averaged update (Reddi et al., "Adaptive Federated Optimization", ICLR 2021, Alg. 2;
 Hsu et al., 2019, FedAvgM).
 
-For a method whose aggregate is an average of uploaded tensors, the round's *pseudo-gradient* is
-``Δ_t = x̄_t − x_t`` (the average the method computed minus the global value the clients started from), and the
-server takes a step with it instead of adopting ``x̄_t`` outright:
+For a method whose aggregate is an average of uploaded tensors, the round's *update* is ``Δ_t = x̄_t − x_t`` (the
+average the method computed minus the global value the clients started from; the paper's pseudo-gradient is −Δ_t),
+and the server takes a step along it instead of adopting ``x̄_t`` outright:
 
 * ``fedavg``:     ``x_{t+1} = x_t + η Δ_t``  (η = 1 is plain FedAvg, the default, bit-identical to no optimiser)
 * ``fedavgm``:    ``v_t = β v_{t−1} + Δ_t``, ``x_{t+1} = x_t + η v_t``  (Hsu et al., 2019, Alg. 1; Flower's FedAvgM)
@@ -12,9 +12,10 @@ server takes a step with it instead of adopting ``x̄_t`` outright:
 * ``fedyogi``:    ``v_t = v_{t−1} − (1 − β₂) Δ_t² sign(v_{t−1} − Δ_t²)``
   and for the three adaptive ones ``m_t = β₁ m_{t−1} + (1 − β₁) Δ_t``, ``x_{t+1} = x_t + η m_t / (√v_t + τ)``.
 
-Choices (docs/methods.md, "Server optimisers"): as in Reddi et al.'s Algorithm 2, ``m_{−1} = 0``, ``v_{−1} = τ²`` and
-no bias correction (Flower's FedAdam adds one; the paper has none); τ = ``server.eps`` defaults to 1e-3, the value
-the paper's experiments use most.  ``server.lr = 0`` means the optimiser's usual step: 1 for fedavg/fedavgm, 1e-2 for
+Choices (docs/methods.md §7c): as in Reddi et al.'s Algorithm 2, ``m_{−1} = 0``, ``v_{−1} = τ²``, no bias correction
+and β₁ for FedAdagrad too (Flower's FedAdam adds a bias correction and its FedAdagrad sets β₁ = 0; the authors' own
+code uses bias-corrected Keras-style optimisers); τ = ``server.eps`` defaults to 1e-3, the value the paper's
+experiments use most.  x̄ is the method's data-weighted average (the paper averages uniformly over sampled clients).  ``server.lr = 0`` means the optimiser's usual step: 1 for fedavg/fedavgm, 1e-2 for
 the adaptive ones.  The moments are per tensor and live in the server state (so they are checkpointed and an
 interrupted run resumes exactly); a tensor no client uploaded in a round is left as it is, its moments too.
 Arithmetic is in float64, results are cast back to each tensor's dtype.
@@ -29,7 +30,7 @@ from torch import Tensor
 
 OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 ADAPTIVE = ("fedadam", "fedyogi", "fedadagrad")
-_MOMENTUM, _SECOND = "server_opt/m/", "server_opt/v/"
+_VELOCITY, _MOMENTUM, _SECOND = "server_opt/velocity/", "server_opt/m/", "server_opt/v/"
 
 
 @dataclass(frozen=True)
@@ -80,9 +81,9 @@ def server_step(opt: ServerOptimizer, current: dict[str, Tensor], averaged: dict
         if opt.name == "fedavg":
             step = delta
         elif opt.name == "fedavgm":
-            v = extra.get(_MOMENTUM + key)
+            v = extra.get(_VELOCITY + key)
             v = delta if v is None else opt.momentum * v.to(torch.float64) + delta
-            extra[_MOMENTUM + key] = v
+            extra[_VELOCITY + key] = v
             step = v
         else:
             m = extra.get(_MOMENTUM + key)
