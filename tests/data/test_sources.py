@@ -17,6 +17,15 @@ def test_bundled_sst2_is_complete():
     assert set(train[0]) == {"idx", "sentence", "label"}
 
 
+def test_bundled_qnli_is_the_subset_and_full_dev_split():
+    train = read_rows("bundled:qnli/train")
+    val = read_rows("bundled:qnli/validation")
+    assert len(train) == 10475 and len(val) == 5463
+    assert set(train[0]) == {"idx", "question", "sentence", "label"}
+    pairs = {(r["question"], r["sentence"]) for r in train}
+    assert not pairs & {(r["question"], r["sentence"]) for r in val}
+
+
 @pytest.mark.parametrize("name", ["d.jsonl", "d.jsonl.gz", "d.json", "d.csv", "d.tsv", "d.parquet"])
 def test_local_formats(tmp_path, name):
     p = tmp_path / name

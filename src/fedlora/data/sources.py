@@ -17,6 +17,8 @@ _BUNDLED_DIR = Path(__file__).parent / "bundled"
 BUNDLED: dict[str, Path] = {
     "sst2/train": _BUNDLED_DIR / "sst2_train.jsonl.gz",
     "sst2/validation": _BUNDLED_DIR / "sst2_validation.jsonl.gz",
+    "qnli/train": _BUNDLED_DIR / "qnli_train.jsonl.gz",
+    "qnli/validation": _BUNDLED_DIR / "qnli_validation.jsonl.gz",
     "superni/train": _BUNDLED_DIR / "superni_train.jsonl.gz",
     "superni/validation": _BUNDLED_DIR / "superni_validation.jsonl.gz",
     "superni/test": _BUNDLED_DIR / "superni_test.jsonl.gz",
