@@ -1,7 +1,7 @@
 #!/bin/sh
-# The FFA-LoRA privacy study of docs/results.md, end to end (about 3.7 hours on 2 CPU cores).  Re-running resumes:
+# The OLD-regime FFA-LoRA privacy study of docs/results.md (issue 7; no private cell learned there), end to end (about 3.7 hours on 2 CPU cores).  Re-running resumes:
 # finished cells are kept.  Learning rates come from the grid in docs/results.md (tuned on SST-2, label skew, seed 0).
-#   sh examples/privacy_study.sh [OUT=runs/study]
+#   sh examples/privacy_study_v1.sh [OUT=runs/study]
 set -e
 OUT=${1:-runs/study}
 JOBS=${JOBS:-2}
