@@ -25,9 +25,10 @@ def _plan(init, roles=FFA, download_roles=None):
     return ClientPlan(0, init.to_flat(download_roles or roles), train=roles, upload=roles)
 
 
-def _run(model, slots, init, data, cfg, plan=None, privacy=None, accountant=None):
+def _run(model, slots, init, data, cfg, plan=None, privacy=None, accountant=None, hooks=None):
     return train_client(model=model, slots=slots, initial=init, plan=plan or _plan(init), examples=data,
-                        loss_fn=quad_loss, train_cfg=cfg, round_idx=1, seed=0, privacy=privacy, accountant=accountant)
+                        loss_fn=quad_loss, train_cfg=cfg, round_idx=1, seed=0, privacy=privacy, accountant=accountant,
+                        hooks=hooks)
 
 
 def test_O8_one_sgd_step_changes_delta_W_by_minus_eta_s2_G_AtA():
@@ -248,8 +249,14 @@ def test_under_dp_a_client_reports_no_statistic_of_its_data():
     priv = ClientPrivacy(noise_multiplier=1.0, sample_rate=0.25, steps_per_round=3, clip=1.0, delta=1e-5)
     private = _run(model, slots, init, _data(n=16), train_cfg(batch_size=4), privacy=priv,
                    accountant=ClientAccountant())
-    # steps, Poisson batch bookkeeping (depends on n and the seed only), A's checksum (post-processing) and epsilon
-    assert set(private.metrics) == {"steps", "empty_batches", "a_checksum", "epsilon"}
+    # steps, Poisson batch bookkeeping (depends on n and the seed only) and epsilon
+    assert set(private.metrics) == {"steps", "empty_batches", "epsilon"}
+    # FFA-LoRA's hook adds A's checksum: post-processing of the shared seed, not of the client's data
+    from fedlora.methods.ffa import ReportsSharedA
+
+    hooked = _run(model, slots, init, _data(n=16), train_cfg(batch_size=4), privacy=priv,
+                  accountant=ClientAccountant(), hooks=ReportsSharedA())
+    assert set(hooked.metrics) == {"steps", "empty_batches", "epsilon", "a_checksum"}
 
 
 def _bert_examples(n=9):

@@ -15,8 +15,7 @@ from torch import Tensor, nn
 
 from fedlora.adapters import ROLE_HEAD, Adapter, role_of
 from fedlora.data.tasks import Examples
-from fedlora.methods.base import ClientPlan, Update
-from fedlora.methods.ffa import a_checksum
+from fedlora.protocol import ClientPlan, LocalHooks, Update
 from fedlora.models import LoraSlots
 from fedlora.privacy import ClientAccountant, ClientPrivacy
 
@@ -78,22 +77,14 @@ class _Sampler:
         return out
 
 
-def _tail_norm(slots: LoraSlots, gamma: float) -> Tensor:
-    """HetLoRA's ``Σ_m ‖B_m[:, ⌊γr⌋:]‖_F·‖A_m[⌊γr⌋:, :]‖_F`` over the client's current factors (algorithms.md §4.2)."""
-    from fedlora.adapters import A_SUFFIX, B_SUFFIX
-    from fedlora.methods.hetlora import tail_norm
-
-    return sum((tail_norm(slots.params[n + B_SUFFIX], slots.params[n + A_SUFFIX], gamma) for n in slots.shapes),
-               torch.zeros(()))
-
-
 def train_client(*, model: nn.Module, slots: LoraSlots, initial: Adapter | None, plan: ClientPlan, examples: Examples,
                  loss_fn: LossFn, train_cfg, round_idx: int, seed: int,
                  privacy: ClientPrivacy | None = None, accountant: ClientAccountant | None = None,
-                 secure_rng: bool = False) -> Update:
+                 secure_rng: bool = False, hooks: LocalHooks | None = None) -> Update:
     """Run one client's local work and return what it uploads (``plan.upload`` roles only).
 
-    The client starts from ``initial`` with ``plan.download``'s tensors in place of its own, loaded into the slots;
+    ``hooks`` are the method's (:meth:`fedlora.methods.base.Method.local_hooks`): a loss term added once per step
+    and metrics reported with the upload.  The client starts from ``initial`` with ``plan.download``'s tensors in place of its own, loaded into the slots;
     ``initial=None`` means the caller has loaded the slots already (the simulation engine does, so that neither the
     initial adapter nor the download is held while the client trains)."""
     if initial is not None:
@@ -132,12 +123,7 @@ def train_client(*, model: nn.Module, slots: LoraSlots, initial: Adapter | None,
     model.train()
     losses: list[float] = []
     empty_batches = 0
-    penalty_weight = float(plan.config.get("rank_penalty", 0.0))
-    gamma = float(plan.config.get("rank_gamma", 0.99))
-    if penalty_weight > 0 and privacy is not None:
-        raise ValueError("the HetLoRA rank penalty is not part of the privatised gradient; set hetlora.penalty = 0 "
-                         "under DP")
-    tail_before = float(_tail_norm(slots, gamma).detach()) if "rank_gamma" in plan.config else None
+    hooks = hooks or LocalHooks()
     try:
         for _ in range(steps):
             optimizer.zero_grad(set_to_none=True)
@@ -149,8 +135,12 @@ def train_client(*, model: nn.Module, slots: LoraSlots, initial: Adapter | None,
                 chunk = idx[start:start + micro]
                 loss = loss_fn(forward_model, examples.batch(chunk))
                 weight = 1.0 if privacy is not None else len(chunk) / len(idx)
-                if penalty_weight > 0 and start == 0:  # HetLoRA's rank self-pruning regulariser, once per step
-                    loss = loss + penalty_weight * _tail_norm(slots, gamma) / weight
+                extra = hooks.penalty(slots) if start == 0 else None  # the method's loss term, once per step
+                if extra is not None:
+                    if privacy is not None:
+                        raise ValueError("a method's loss term is not part of the privatised gradient; it cannot "
+                                         "run under DP-SGD")
+                    loss = loss + extra / weight
                 # Under DP the GradSampleModule turns each chunk's mean loss into exact per-example gradients.
                 (loss * weight).backward()
                 batch_loss += float(loss.detach()) * len(chunk)
@@ -177,7 +167,7 @@ def train_client(*, model: nn.Module, slots: LoraSlots, initial: Adapter | None,
             p.requires_grad_(False)
             p.grad = None
     trained = slots.read()
-    metrics = {"steps": float(steps), "a_checksum": float(a_checksum(trained)), "empty_batches": float(empty_batches)}
+    metrics = {"steps": float(steps), "empty_batches": float(empty_batches)}
     if privacy is None:
         # Under DP the client reports nothing computed from its data but the privatised tensors: its training loss
         # is a statistic of its examples outside the accounting, so it is not sent (the checksum of A is
@@ -185,42 +175,5 @@ def train_client(*, model: nn.Module, slots: LoraSlots, initial: Adapter | None,
         metrics["loss"] = float(np.mean(losses)) if losses else float("nan")
     if privacy is not None and accountant is not None:
         metrics["epsilon"] = accountant.epsilon(plan.client_id, privacy.delta)
-    if tail_before is not None:
-        tail_after = float(_tail_norm(slots, gamma).detach())
-        metrics["tail_norm"] = tail_after
-        metrics["prune"] = float(bool(plan.config.get("rank_prune")) and tail_after < float(tail_before))
+    metrics.update(hooks.metrics(slots, trained))
     return Update(plan.client_id, n, plan.uploaded(trained), metrics)
-
-
-def layer_gradient_norms(*, model: nn.Module, slots: LoraSlots, initial: Adapter, plan: ClientPlan,
-                         examples: Examples, loss_fn: LossFn, groups: list[list[str]], num_examples: int,
-                         batch_size: int, round_idx: int, seed: int) -> list[float]:
-    """Fed-piLot's local IG-Score (algorithms.md §3.3 step 2.2): ``‖∇_{θ_j} L(D^IG)‖₂`` per layer j (its A and B),
-    from one gradient over a seeded sample of ``num_examples`` local examples at the downloaded global adapter; no
-    optimiser step.  The pass holds every layer's gradient at once (the paper allows layer-by-layer accumulation
-    when memory forbids it; in simulation it is not budgeted)."""
-    from fedlora.adapters import A_SUFFIX, B_SUFFIX
-
-    slots.load(initial.with_tensors(plan.download))
-    params = slots.set_trainable(frozenset({"lora_A", "lora_B"}))
-    rng = np.random.default_rng([client_seed(seed, round_idx, plan.client_id), 61])
-    n = len(examples)
-    idx = np.sort(rng.choice(n, size=min(num_examples, n), replace=False))
-    model.train()
-    try:
-        for start in range(0, len(idx), batch_size):
-            chunk = idx[start:start + batch_size]
-            (loss_fn(model, examples.batch(chunk)) * (len(chunk) / len(idx))).backward()
-        norms = []
-        for group in groups:
-            sq = 0.0
-            for name in group:
-                for key in (name + A_SUFFIX, name + B_SUFFIX):
-                    g = slots.params[key].grad
-                    sq += float((g.double() ** 2).sum()) if g is not None else 0.0
-            norms.append(math.sqrt(sq))
-    finally:
-        for p in params:
-            p.grad = None
-            p.requires_grad_(False)
-    return norms

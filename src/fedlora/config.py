@@ -418,9 +418,9 @@ def _check_choices(obj: Any, prefix: str) -> None:
 
 def validate(cfg: ExperimentConfig) -> None:
     """Raise :class:`ConfigError` for the first invalid value (key, value, what is valid)."""
-    from fedlora.methods import available_methods
+    from fedlora.registry import method_names
 
-    methods = available_methods()
+    methods = method_names()
     _need(cfg.method in methods, "method", cfg.method, "one of " + ", ".join(methods))
     _need(cfg.rounds >= 1, "rounds", cfg.rounds, "a positive integer")
     _need(cfg.seed >= 0, "seed", cfg.seed, "a non-negative integer")

@@ -137,6 +137,23 @@ def return_large_frees_promptly(threshold: int = 1 << 20) -> None:
         _LIBC.mallopt(M_MMAP_THRESHOLD, int(threshold))
 
 
+def reset_peak_rss() -> int:
+    """Reset this process's peak-RSS mark and return its current RSS in bytes (0 where /proc is missing)."""
+    try:
+        _reset_peak()
+        return _rss_status()[0]
+    except OSError:  # pragma: no cover - no /proc
+        return 0
+
+
+def peak_rss() -> int:
+    """This process's peak RSS in bytes since the last :func:`reset_peak_rss` (0 where /proc is missing)."""
+    try:
+        return _rss_status()[1]
+    except OSError:  # pragma: no cover
+        return 0
+
+
 def _reset_peak() -> None:
     release_freed_memory()
     with open("/proc/self/clear_refs", "w") as fh:  # "5" resets the peak-RSS high-water mark (Linux >= 4.0)

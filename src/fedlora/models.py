@@ -138,10 +138,14 @@ def load_classifier(model_cfg, num_labels: int, seed: int, zero_head_ok: bool = 
     return tokenizer, model
 
 
-def load_causal_lm(model_cfg):
-    """(tokenizer, model) for causal language modelling; a bundled GGUF model is served from its fp32 cache."""
+def load_causal_lm(model_cfg, log=None):
+    """(tokenizer, model) for causal language modelling; a bundled GGUF model is served from its fp32 cache
+    (converted on first use, :func:`converted_gguf`)."""
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if model_cfg.name in GGUF_FILES:
+        converted_gguf(model_cfg.name, model_cfg, log=log)
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()

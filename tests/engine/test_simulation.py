@@ -128,9 +128,9 @@ def test_same_seed_same_adapter(tmp_path, tiny_config):
 
 
 def test_impossible_dp_budget_is_refused_before_the_model_loads(tmp_path, tiny_config, monkeypatch):
-    import fedlora.engine.simulation as sim
+    import fedlora.engine.runtime as runtime
 
-    monkeypatch.setattr(sim, "load_classifier", lambda *a, **k: pytest.fail("model loaded before DP check"))
+    monkeypatch.setattr(runtime, "load_classifier", lambda *a, **k: pytest.fail("model loaded before DP check"))
     cfg = tiny_config("dp.enabled=true", "dp.epsilon=6", "train.batch_size=32")  # 21 rows per client < 32
     with pytest.raises(PrivacyBudgetError, match="Poisson sampling needs batch_size < n"):
         run_experiment(cfg, out_dir=tmp_path / "run", progress=False, log=lambda *_: None)
@@ -161,9 +161,9 @@ def test_unwritable_run_dir_is_a_clear_error(tmp_path, tiny_config):
 
 
 def test_malformed_updates_are_dropped_counted_and_the_run_goes_on(tmp_path, tiny_config, monkeypatch):
-    import fedlora.engine.simulation as sim
+    import fedlora.engine.client_round as client_round
 
-    real = sim.train_client
+    real = client_round.train_client
 
     def sabotage(**kw):
         up = real(**kw)
@@ -171,7 +171,7 @@ def test_malformed_updates_are_dropped_counted_and_the_run_goes_on(tmp_path, tin
             up.tensors = {k: torch.full_like(v, float("nan")) for k, v in up.tensors.items()}
         return up
 
-    monkeypatch.setattr(sim, "train_client", sabotage)
+    monkeypatch.setattr(client_round, "train_client", sabotage)
     res = run_experiment(tiny_config("method=ffa"), out_dir=tmp_path / "run", progress=False, log=lambda *_: None)
     rows = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(r["rejected"] == 1 and r["clients"] == 2 and "NaN" in r["dropped"]["1"] for r in rows)

@@ -1,11 +1,11 @@
 """The Flower engine: the same experiment on a Flower federation (the simulation runtime, or a SuperLink and
 SuperNodes over gRPC/TLS).
 
-The ServerApp runs :func:`fedlora.engine.simulation.run_experiment` unchanged — plans, aggregation, evaluation,
+The ServerApp runs :func:`fedlora.engine.loop.run_experiment` unchanged — plans, aggregation, evaluation,
 checkpoints, metrics, plots and the PEFT export are the in-process engine's — except that a round's clients are
 trained by SuperNodes: :class:`FlowerRound` sends each sampled client's plan to the node that holds its partition
 and feeds the replies, in plan order, to the same server-side checks.  The ClientApp runs the in-process engine's
-client half (:func:`fedlora.engine.simulation.client_work`) on a base model it loads once per process.
+client half (:func:`fedlora.engine.client_round.client_work`) on a base model it loads once per process.
 
 On the wire there are tensors and text only: a plan's tensors and an upload travel as safetensors bytes (one
 ``Array`` with ``stype="safetensors"``, bf16 where the config says so, counted exactly as the in-process engine
@@ -25,8 +25,6 @@ experiment's number of clients.  ``data-dir=/path`` rebases the config's relativ
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import sys
 import time
@@ -36,69 +34,14 @@ from pathlib import Path
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
-from fedlora.config import ExperimentConfig, from_toml, load_config, to_toml
+from fedlora.config import ExperimentConfig, load_config, to_toml
+from fedlora.engine.flower_messages import (bytes_array, memory_to_text, plan_from_text, plan_to_text,  # noqa: F401
+                                            update_from_text, update_to_text)
 from fedlora.errors import ConfigError
 
 # torch, transformers and the engine are imported inside the functions that need them: a deployment's ClientApp
 # process (one per message) then only relays to the node's long-lived worker (fedlora.engine.flower_worker)
 
-UNSUPPORTED: dict[str, str] = {}  # method → why the Flower engine cannot run it (none at present)
-
-
-# ---------------------------------------------------------------------------------------------------- messages
-def plan_to_text(plan: ClientPlan) -> str:
-    """The non-tensor fields of a plan as JSON."""
-    return json.dumps({"client_id": plan.client_id, "train": sorted(plan.train), "upload": sorted(plan.upload),
-                       "config": plan.config, "ranks": plan.ranks,
-                       "modules": sorted(plan.modules) if plan.modules is not None else None})
-
-
-def plan_from_text(text: str, download: dict) -> ClientPlan:
-    from fedlora.methods.base import ClientPlan
-
-    d = json.loads(text)
-    return ClientPlan(int(d["client_id"]), download, frozenset(d["train"]), frozenset(d["upload"]),
-                      dict(d["config"]), {k: int(v) for k, v in d["ranks"].items()},
-                      modules=frozenset(d["modules"]) if d["modules"] is not None else None)
-
-
-def update_to_text(update: Update) -> str:
-    return json.dumps({"client_id": update.client_id, "num_examples": update.num_examples,
-                       "metrics": update.metrics, "report": update.report}, allow_nan=True)
-
-
-def update_from_text(text: str) -> Update:
-    from fedlora.methods.base import Update
-
-    d = json.loads(text)
-    report = {k: ({int(i): v for i, v in val.items()} if isinstance(val, dict) else val)
-              for k, val in d["report"].items()}
-    return Update(int(d["client_id"]), int(d["num_examples"]), {}, dict(d["metrics"]), report)
-
-
-def memory_to_text(spec) -> str:
-    """The server's memory model and budgets (layer-subset methods), so that every client's knapsack uses the one
-    the server calibrated, as in simulation; '' when the method has none."""
-    if getattr(spec, "memory", None) is None:
-        return ""
-    m = spec.memory
-    return json.dumps({"model": {"step_bytes": m.step_bytes, "grad_state_bytes": list(m.grad_state_bytes),
-                                 "act_bytes": list(m.act_bytes), "calibrated": m.calibrated},
-                       "budgets": {str(k): v for k, v in spec.budgets.items()}})
-
-
-def _apply_memory(spec, text: str) -> None:
-    from fedlora.memory import MemoryModel
-
-    d = json.loads(text)
-    spec.memory = MemoryModel(**d["model"])
-    spec.budgets = {int(k): float(v) for k, v in d["budgets"].items()}
-
-
-def _bytes_array(blob: bytes):
-    from flwr.app import Array
-
-    return Array(dtype="uint8", shape=(len(blob),), stype="safetensors", data=blob)
 
 
 def resolve_config(run_config: dict) -> ExperimentConfig:
@@ -159,7 +102,7 @@ class FlowerRound:
         from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
         from fedlora import wire
-        from fedlora.engine.simulation import RoundUpdates, receive_upload
+        from fedlora.engine.client_round import RoundUpdates, receive_upload
 
         out = RoundUpdates()
         wanted = {p.client_id for p in plans}
@@ -176,8 +119,8 @@ class FlowerRound:
                 continue
             merge = wire.encode(plan.merge) if plan.merge else b""
             out.down_bytes += len(merge)
-            content = RecordDict({"download": ArrayRecord({"tensors": _bytes_array(payload)}),
-                                  "merge": ArrayRecord({"tensors": _bytes_array(merge)}),
+            content = RecordDict({"download": ArrayRecord({"tensors": bytes_array(payload)}),
+                                  "merge": ArrayRecord({"tensors": bytes_array(merge)}),
                                   "plan": ConfigRecord({"json": plan_to_text(plan), "round": t,
                                                         "config": self.config_text,
                                                         "memory": memory_to_text(eng.spec)})})
@@ -222,11 +165,9 @@ class FlowerRound:
 
 def run_on_grid(grid, run_config: dict, log=print):
     """The ServerApp's body: resolve the config, then run the experiment with :class:`FlowerRound`."""
-    from fedlora.engine.simulation import run_experiment
+    from fedlora.engine.loop import run_experiment
 
     cfg = resolve_config(run_config)
-    if cfg.method in UNSUPPORTED:
-        raise ConfigError(f"method {cfg.method!r} is not available on the Flower engine: {UNSUPPORTED[cfg.method]}")
     out_dir = str(run_config.get("out-dir", "")).strip() or f"runs/flower-{datetime.now():%Y%m%d-%H%M%S}"
     collect = FlowerRound(grid, cfg, min_replies=int(run_config.get("min-replies", 0)),
                           round_timeout=float(run_config.get("round-timeout", 0)),
@@ -237,81 +178,6 @@ def run_on_grid(grid, run_config: dict, log=print):
 
 
 # ---------------------------------------------------------------------------------------------------- client
-_ENGINES: dict = {}  # config text → (engine, method): the base model is loaded once per process
-
-
-def _engine(config_text: str, data_dir: str | None):
-    key = (config_text, data_dir)
-    if key not in _ENGINES:
-        from fedlora.engine.simulation import build_engine, prepare
-        from fedlora.methods import get_method
-
-        cfg = from_toml(config_text, where="the server's config")
-        # layer-subset methods: the server's calibrated memory model comes with each plan; no profiling here
-        cfg = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, calibrate=False))
-        if cfg.model.threads:  # the same thread count as the server's engine gives bit-identical local training
-            import torch
-
-            torch.set_num_threads(cfg.model.threads)
-        if data_dir:
-            cfg = _rebase_data(cfg, Path(data_dir))
-        _ENGINES.clear()
-        eng = build_engine(prepare(cfg), log=lambda *_: None)
-        _ENGINES[key] = (eng, get_method(cfg.method)(cfg, eng.spec))
-    return _ENGINES[key]
-
-
-def _rebase_data(cfg: ExperimentConfig, root: Path) -> ExperimentConfig:
-    data = cfg.data
-    changes = {}
-    for name in ("train", "validation", "instructions"):
-        value = getattr(data, name, "")
-        if value and "://" not in value and not value.startswith(("bundled:", "hf:")) and not Path(value).is_absolute():
-            changes[name] = str(root / value)
-    return dataclasses.replace(cfg, data=dataclasses.replace(data, **changes)) if changes else cfg
-
-
-def local_round(config_text: str, data_dir: str | None, plan_text: str, round_idx: int, download: bytes,
-                partition: int, memory_text: str = "", merge: bytes = b"",
-                base_state: bytes | None = None) -> tuple[bytes, str, bytes]:
-    """A client's round from wire form to wire form: (upload bytes, update JSON, the client's base state).  Runs in
-    the ClientApp process (simulation runtime: a long-lived Ray actor) or in the node's worker (deployment).
-    ``base_state`` is what the previous call returned for this node (FLoRA's offset, kept by Flower in the node's
-    ``context.state``); ``None`` when there is none."""
-    from fedlora import wire
-    from fedlora.engine.simulation import client_work
-
-    eng, method = _engine(config_text, data_dir)
-    if memory_text:
-        _apply_memory(eng.spec, memory_text)
-    plan = plan_from_text(plan_text, wire.decode(download))
-    if plan.client_id != partition:
-        raise ValueError(f"this node holds partition {partition}, the plan is for client {plan.client_id}")
-    previous = wire.decode(base_state) if base_state is not None else None
-    offsets = _merge_into_base(eng, wire.decode(merge) if merge else {}, previous)
-    blob, update = client_work(eng, plan, round_idx, method)
-    return blob, update_to_text(update), wire.encode(offsets)
-
-
-def _merge_into_base(eng, merge: dict, previous: dict | None) -> dict:
-    """FLoRA (algorithms.md §4.3): this client's frozen base becomes ``W0 + offset``; returns the offset.  The plan
-    carries either the whole cumulative offset (``<module>.delta``) or, for a client that took part in the previous
-    round, only that round's stack (``<module>.stack_B`` / ``.stack_A``), added to the client's ``previous`` offset
-    with the server's own operation (``previous + B_stack @ A_stack``), so the base is bit-identical to the
-    server's.  A client without its previous offset fails the round; the server then sends it the whole offset.
-    No merge: the plain base (every other method, and FLoRA's first round)."""
-    deltas = {k[:-len(".delta")]: v for k, v in merge.items() if k.endswith(".delta")}
-    stacks = sorted(k[:-len(".stack_B")] for k in merge if k.endswith(".stack_B"))
-    if stacks:
-        if previous is None:
-            raise ValueError("this client has lost its FLoRA base offset; it gets the whole offset the next time "
-                             "it is sampled")
-        deltas = {n: (previous[n] + merge[n + ".stack_B"] @ merge[n + ".stack_A"]) if n in previous
-                  else merge[n + ".stack_B"] @ merge[n + ".stack_A"] for n in stacks}
-    eng.base.set(deltas or None)
-    return deltas
-
-
 def client_train(msg, context):
     """The ClientApp's train handler: this node's client runs its local work for the plan in ``msg`` — here when
     the process lives on (Flower's simulation runtime), else in the node's long-lived worker process, so that a
@@ -330,9 +196,11 @@ def client_train(msg, context):
 
         blob, update_text, state = call_worker(context.node_id, *args, state)
     else:
+        from fedlora.engine.flower_client import local_round
+
         blob, update_text, state = local_round(*args, state)
-    context.state["fedlora"] = ArrayRecord({"base": _bytes_array(state)})  # Flower keeps it for this node
-    return Message(RecordDict({"upload": ArrayRecord({"tensors": _bytes_array(blob)}),
+    context.state["fedlora"] = ArrayRecord({"base": bytes_array(state)})  # Flower keeps it for this node
+    return Message(RecordDict({"upload": ArrayRecord({"tensors": bytes_array(blob)}),
                                "update": ConfigRecord({"json": update_text})}), reply_to=msg)
 
 

@@ -103,7 +103,7 @@ def _connect(path: Path) -> socket.socket | None:
 def serve(path: Path, idle_s: float) -> None:
     import signal
 
-    from fedlora.engine.flower import local_round
+    from fedlora.engine.flower_client import local_round
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # runs the clean-up below
 

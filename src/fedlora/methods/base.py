@@ -10,114 +10,16 @@ New methods register themselves with :func:`register` (one file per method, no i
 """
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from torch import Tensor
 
 from fedlora.adapters import Adapter
+from fedlora.protocol import ClientContext, ClientPlan, FederationSpec, LocalHooks, ServerState, Update
 from fedlora.robust import combine
 from fedlora.server_optimizer import ServerOptimizer, server_step
-
-
-@dataclass(frozen=True)
-class ClientPlan:
-    """What one client receives for one round.
-
-    ``download`` holds the tensors sent over the wire (flat keys); anything the client needs that is not in it comes
-    from the shared-seed initial adapter every client can regenerate (FFA-LoRA's A, a frozen head).  ``train`` and
-    ``upload`` are sets of roles (``lora_A``, ``lora_B``, ``head``).
-    """
-
-    client_id: int
-    download: dict[str, Tensor]
-    train: frozenset[str]
-    upload: frozenset[str]
-    config: dict[str, Any] = field(default_factory=dict)
-    ranks: dict[str, int] = field(default_factory=dict)
-    """Per-module LoRA ranks for this round; empty = the client's configured ranks (:class:`FederationSpec`)."""
-    merge: dict[str, Tensor] = field(default_factory=dict)
-    """Tensors the client merges into its frozen base before training (FLoRA); counted as downlink traffic."""
-    modules: frozenset[str] | None = None
-    """Only these LoRA modules train and are uploaded (layer-subset methods); None = every module."""
-
-    def uploaded(self, adapter: Adapter) -> dict[str, Tensor]:
-        """The flat tensors of ``adapter`` this plan uploads: its ``upload`` roles, restricted to ``modules``."""
-        flat = adapter.to_flat(self.upload)
-        if self.modules is None:
-            return flat
-        from fedlora.adapters import ROLE_HEAD, module_of, role_of
-
-        return {k: v for k, v in flat.items() if role_of(k) == ROLE_HEAD or module_of(k) in self.modules}
-
-
-@dataclass
-class Update:
-    """What one client sends back: the uploaded tensors, its number of training examples and its metrics."""
-
-    client_id: int
-    num_examples: int
-    tensors: dict[str, Tensor]
-    metrics: dict[str, float] = field(default_factory=dict)
-    report: dict[str, Any] = field(default_factory=dict)
-    """Structured client reports beside the tensors (Fed-piLot: the chosen layers and their IG-Scores)."""
-
-
-@dataclass
-class FederationSpec:
-    """What a method may know before round 1: module shapes, every client's per-module ranks, alpha and the seed.
-
-    ``initial(k)`` is the adapter client ``k`` starts from when nothing is sent for a tensor: A drawn from the shared
-    seed (PEFT's Kaiming init), B = 0, at the client's ranks.
-    """
-
-    shapes: dict[str, tuple[int, int]]
-    client_ranks: dict[int, dict[str, int]]
-    alpha: float
-    seed: int
-    head: dict[str, Tensor] = field(default_factory=dict)
-    layer_groups: list[list[str]] = field(default_factory=list)
-    """Layer-assignment methods: module names per transformer block (see :mod:`fedlora.layers`)."""
-    memory: Any = None
-    """Layer-assignment methods: the :class:`fedlora.memory.MemoryModel` of one client training step."""
-    budgets: dict[int, float] = field(default_factory=dict)
-    """Layer-assignment methods: each client's training-memory budget in bytes."""
-    alpha_per_rank: float = 0.0
-    """> 0: every module's alpha is ``alpha_per_rank · r`` (FLoRA's convention), so the scale is the same at every
-    rank; 0: ``alpha`` for every rank (``s = alpha / r``)."""
-
-    def alpha_of(self, rank: int) -> float:
-        """The LoRA alpha a module of this rank trains with."""
-        return self.alpha_per_rank * rank if self.alpha_per_rank > 0 else self.alpha
-
-    def scale_of(self, rank: int) -> float:
-        """The LoRA scale ``s = alpha / r`` a module of this rank trains with."""
-        return self.alpha_of(rank) / rank
-
-    def initial(self, client_id: int | None = None, ranks: dict[str, int] | None = None,
-                seed: int | None = None) -> Adapter:
-        from fedlora.adapters import initial_adapter
-
-        if ranks is None:
-            ranks = self.client_ranks[client_id] if client_id is not None else self.global_ranks()
-        adapter = initial_adapter(self.shapes, ranks, self.alpha, self.seed if seed is None else seed, head=self.head)
-        if self.alpha_per_rank > 0:
-            for module in adapter.modules.values():
-                module.alpha = self.alpha_of(module.rank)
-        return adapter
-
-    def global_ranks(self) -> dict[str, int]:
-        """Per module, the largest rank any client uses."""
-        return {n: max(r[n] for r in self.client_ranks.values()) for n in self.shapes}
-
-
-@dataclass
-class ServerState:
-    """The global adapter plus whatever a method keeps between rounds (momentum, scores, ...)."""
-
-    adapter: Adapter
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def data_weights(updates: list[Update]) -> list[float]:
@@ -187,9 +89,51 @@ class Method(ABC):
     B = 0 those are all zero under a zero classification head, so ``model.head_init = "auto"`` keeps the model's
     random head for such methods."""
 
+    streams: ClassVar[bool] = False
+    """True when the server folds each upload into an accumulator as it arrives (:meth:`begin`, :meth:`accumulate`,
+    :meth:`finish`) instead of holding every update until :meth:`aggregate`."""
+
     def __init__(self, cfg: Any, spec: FederationSpec | None = None):
         self.cfg = cfg
         self.spec = spec
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        """Refuse, with a :class:`fedlora.errors.ConfigError`, options this method cannot run with (called before any
+        data or model is loaded)."""
+
+    # ------------------------------------------------------------------------------------------ client side
+    def prepare_client(self, ctx: ClientContext, plan: ClientPlan) -> tuple[ClientPlan, dict[str, Any]]:
+        """On the client, before local training: the plan it trains by (a method may finish it here with local
+        information: Fed-piLot chooses its layers) and report entries sent beside the upload."""
+        return plan, {}
+
+    def training_scope(self, ctx: ClientContext, plan: ClientPlan, report: dict[str, Any]):
+        """A context manager around the client's local training (FedRA: the sub-model of its drawn blocks; layer
+        methods measure peak memory into ``report``)."""
+        return contextlib.nullcontext()
+
+    def local_hooks(self, plan: ClientPlan, slots: Any) -> LocalHooks:
+        """The hooks inside this client's local training (a loss term, reported metrics)."""
+        return LocalHooks()
+
+    def client_base(self, merge: dict[str, Tensor], previous: dict[str, Tensor] | None) -> dict[str, Tensor]:
+        """On a client that keeps state between rounds (a Flower node): the dense offsets its frozen base holds this
+        round, from the plan's ``merge`` tensors and the offsets it held before (FLoRA); {} = the plain base."""
+        return {}
+
+    # ------------------------------------------------------------------------------------------ server side
+    def begin(self, round_idx: int, state: ServerState, plans: list[ClientPlan]) -> Any:
+        """Streaming methods (:attr:`streams`): a fresh accumulator for this round."""
+        raise NotImplementedError(f"{self.name} does not stream its aggregation")
+
+    def accumulate(self, acc: Any, update: Update) -> None:
+        """Streaming methods: fold one accepted upload into the accumulator."""
+        raise NotImplementedError(f"{self.name} does not stream its aggregation")
+
+    def finish(self, round_idx: int, state: ServerState, acc: Any) -> ServerState:
+        """Streaming methods: the next global state from the round's accumulator."""
+        raise NotImplementedError(f"{self.name} does not stream its aggregation")
 
     def init_state(self, initial: Adapter) -> ServerState:
         """The server state before round 1, from the shared-seed initial adapter."""
@@ -229,21 +173,36 @@ class Method(ABC):
         return frozenset({"head"}) if getattr(self.cfg.lora, "head", "aggregate") == "aggregate" else frozenset()
 
 
+__all__ = ["ClientContext", "ClientPlan", "FederationSpec", "LocalHooks", "Method", "ServerState", "Update",
+           "available_methods", "get_method", "register"]
+
 _REGISTRY: dict[str, type[Method]] = {}
 
 
 def register(cls: type[Method]) -> type[Method]:
-    if cls.name in _REGISTRY:
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
         raise ValueError(f"method {cls.name!r} registered twice")
     _REGISTRY[cls.name] = cls
     return cls
 
 
 def available_methods() -> list[str]:
-    return sorted(_REGISTRY)
+    """Registered methods and those :mod:`fedlora.registry` can load (built-in and entry-point plugins)."""
+    from fedlora.registry import method_names
+
+    return sorted(set(_REGISTRY) | set(method_names()))
 
 
 def get_method(name: str) -> type[Method]:
+    """The method class ``name``, importing its module (or loading its entry point) on first use."""
+    if name not in _REGISTRY:
+        from fedlora.registry import load
+
+        loaded = load(name)
+        if isinstance(loaded, type) and issubclass(loaded, Method) and name not in _REGISTRY:
+            if getattr(loaded, "name", None) != name:
+                raise ValueError(f"entry point {name!r} names a method whose name is {loaded.name!r}")
+            register(loaded)
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -251,4 +210,4 @@ def get_method(name: str) -> type[Method]:
 
 
 def method_summaries() -> dict[str, str]:
-    return {n: _REGISTRY[n].summary for n in available_methods()}
+    return {n: get_method(n).summary for n in available_methods()}

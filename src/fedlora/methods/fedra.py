@@ -23,8 +23,8 @@ what the smallest client can" baseline.
 **FedRA here.**  Client k's row of round t's allocation matrix is a random order of the blocks (numpy generator seeded
 by ``(seed, t, k, 53)``, the same order ``randk`` uses), each block taken while the *sub-model's* predicted memory
 ``M_sub(S) = M_step + Σ_{j∈S} (G_j + a_j)`` (:meth:`fedlora.memory.MemoryModel.predict_submodel`) fits the budget.
-The plan carries ``{"submodel": True}``; the client (``client_work``) trains under ``submodel(model, layers)`` and
-reports that prediction.  Only the drawn blocks' LoRA (and the head) is downloaded.
+The plan carries ``{"submodel": True}``; the client (:meth:`FedRA.training_scope`) trains under
+``submodel(model, layers)`` and reports that prediction.  Only the drawn blocks' LoRA (and the head) is downloaded.
 
 **Why ``randk`` is not FedRA.**  At full depth a set whose earliest block is e pays the activations of every block
 from e up, so when activations dominate (MiniLM at batch 16: 33 MB per block against 0.15 MB of LoRA gradients and
@@ -82,10 +82,12 @@ only for the blocks it draws, so as many blocks come from the whole depth.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import numpy as np
 
+from fedlora.layers import submodel
 from fedlora.methods.base import register
 from fedlora.methods.pilot import LayerAssignment, fit_layers
 
@@ -112,6 +114,16 @@ class FedRA(LayerAssignment):
                "budget; the blocks it did not draw are skipped in its forward and backward pass.")
     citation = ("Su, Li, Xue, FedRA: A Random Allocation Strategy for Federated Tuning to Unleash the Power of "
                 "Heterogeneous Clients, ECCV 2024")
+
+    def predicted_memory(self, plan, layers: list[int]) -> float:
+        """A sub-model skips the blocks it did not draw: its own memory model."""
+        return self.spec.memory.predict_submodel(layers)
+
+    @contextlib.contextmanager
+    def training_scope(self, ctx, plan, report):
+        """The client trains the sub-model of its drawn blocks (:func:`fedlora.layers.submodel`)."""
+        with super().training_scope(ctx, plan, report), submodel(ctx.model, report["layers"]):
+            yield
 
     def choose(self, round_idx, state, cid):
         order = random_order(self.spec.seed, round_idx, cid, len(self.spec.layer_groups))

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from fedlora.adapters import ROLE_B, Adapter
 from fedlora.errors import UpdateError
-from fedlora.methods.base import ClientPlan, Method, ServerState, Update, register
+from fedlora.methods.base import ClientPlan, LocalHooks, Method, ServerState, Update, register
 
 
 def a_checksum(adapter: Adapter) -> int:
@@ -27,6 +27,14 @@ def a_checksum(adapter: Adapter) -> int:
         a: Tensor = adapter.modules[name].A.detach().contiguous().cpu()
         crc = zlib.crc32(a.numpy().tobytes(), crc)
     return crc
+
+
+class ReportsSharedA(LocalHooks):
+    """FFA-LoRA's client side: report the checksum of the A it trained with (post-processing of the shared seed, not
+    of its data, so it may be sent under DP)."""
+
+    def metrics(self, slots, trained: Adapter) -> dict[str, float]:
+        return {"a_checksum": float(a_checksum(trained))}
 
 
 @register
@@ -40,6 +48,9 @@ class FFALoRA(Method):
         roles = frozenset({ROLE_B}) | self.head_roles()
         download = state.adapter.to_flat(roles)
         return [ClientPlan(cid, download, train=roles, upload=roles) for cid in client_ids]
+
+    def local_hooks(self, plan: ClientPlan, slots) -> LocalHooks:
+        return ReportsSharedA()
 
     def aggregate(self, round_idx: int, state: ServerState, updates: list[Update]) -> ServerState:
         expected = a_checksum(state.adapter)

@@ -63,6 +63,7 @@ class FlexLoRA(Method):
     citation = "Bai et al., Federated Fine-tuning of LLMs under Heterogeneous Tasks and Client Resources, NeurIPS 2024"
     heterogeneous_ranks = True
     averages_tensors = False
+    streams = True
 
     def init_state(self, initial: Adapter) -> ServerState:
         """Before the first aggregation the global ΔW is zero: kept as a rank-1 adapter with ``B = A = 0`` (clients

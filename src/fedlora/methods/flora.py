@@ -99,6 +99,23 @@ class FLoRA(Method):
         head = {**state.adapter.head, **average_head(state, updates, weights)}
         return ServerState(Adapter({n: m for n, m in state.adapter.modules.items()}, head), extra)
 
+    def client_base(self, merge: dict[str, Tensor], previous: dict[str, Tensor] | None) -> dict[str, Tensor]:
+        """On a Flower node: this client's frozen base becomes ``W0 + offset``; returns the offset.  The plan carries
+        either the whole cumulative offset (``<module>.delta``) or, for a client that took part in the previous
+        round, only that round's stack (``<module>.stack_B`` / ``.stack_A``), added to the client's ``previous``
+        offset with the server's own operation (``previous + B_stack @ A_stack``), so the base is bit-identical to
+        the server's.  A client without its previous offset fails the round; the server then sends it the whole
+        offset.  No merge: the plain base (FLoRA's first round)."""
+        deltas = {k[:-len(".delta")]: v for k, v in merge.items() if k.endswith(".delta")}
+        stacks = sorted(k[:-len(".stack_B")] for k in merge if k.endswith(".stack_B"))
+        if stacks:
+            if previous is None:
+                raise ValueError("this client has lost its FLoRA base offset; it gets the whole offset the next "
+                                 "time it is sampled")
+            deltas = {n: (previous[n] + merge[n + ".stack_B"] @ merge[n + ".stack_A"]) if n in previous
+                      else merge[n + ".stack_B"] @ merge[n + ".stack_A"] for n in stacks}
+        return deltas
+
     def base_delta(self, state: ServerState) -> dict[str, Tensor] | None:
         offsets = {k[len("offset/"):]: v for k, v in state.extra.items() if k.startswith("offset/")}
         return offsets or None

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
 from fedlora.adapters import A_SUFFIX, B_SUFFIX, ROLE_A, ROLE_B, Adapter, LoraModule
+from fedlora.errors import ConfigError
 from fedlora.lowrank import product_frobenius_norm, zero_pad
-from fedlora.methods.base import (ClientPlan, Method, ServerState, Update, average_head, client_factors, data_weights,
+from fedlora.methods.base import (ClientPlan, LocalHooks, Method, ServerState, Update, average_head, client_factors, data_weights,
                                   register)
 
 
@@ -75,6 +77,29 @@ def distribute(module: LoraModule, rank: int, alpha: float) -> tuple[Tensor, Ten
     return (module.B[:, :rank] / root).contiguous(), (module.A[:rank] / root).contiguous()
 
 
+def total_tail_norm(slots, gamma: float) -> Tensor:
+    """``Σ_m ‖B_m[:, ⌊γr⌋:]‖_F·‖A_m[⌊γr⌋:, :]‖_F`` over a client's current factors (algorithms.md §4.2)."""
+    return sum((tail_norm(slots.params[n + B_SUFFIX], slots.params[n + A_SUFFIX], gamma) for n in slots.shapes),
+               torch.zeros(()))
+
+
+class RankSelfPruning(LocalHooks):
+    """HetLoRA's client side: the regulariser ``λ·Σ_m tail_norm`` in the local loss, and the pruning decision — a
+    client whose tail norm fell during the round (and ``hetlora.prune``) reports ``prune = 1``, and the server
+    shrinks its rank to ``⌊γr⌋`` from the next round on."""
+
+    def __init__(self, slots, penalty: float, gamma: float, prune: bool):
+        self.weight, self.gamma, self.prune = penalty, gamma, prune
+        self.before = float(total_tail_norm(slots, gamma).detach())
+
+    def penalty(self, slots) -> Tensor | None:
+        return self.weight * total_tail_norm(slots, self.gamma) if self.weight > 0 else None
+
+    def metrics(self, slots, trained: Adapter) -> dict[str, float]:
+        after = float(total_tail_norm(slots, self.gamma).detach())
+        return {"tail_norm": after, "prune": float(self.prune and after < self.before)}
+
+
 @register
 class HetLoRA(Method):
     name = "hetlora"
@@ -84,8 +109,19 @@ class HetLoRA(Method):
     heterogeneous_ranks = True
     averages_tensors = False
 
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if cfg.dp.enabled and cfg.hetlora.penalty > 0:
+            raise ConfigError("hetlora.penalty is not part of the privatised gradient: set hetlora.penalty = 0 with "
+                              "dp.enabled = true")
+
     def init_state(self, initial: Adapter) -> ServerState:
         return ServerState(initial.clone(), {"aggregated": False, "pruned_ranks": {}})
+
+    def local_hooks(self, plan: ClientPlan, slots) -> LocalHooks:
+        c = plan.config
+        return RankSelfPruning(slots, float(c.get("rank_penalty", 0.0)), float(c.get("rank_gamma", 0.99)),
+                               bool(c.get("rank_prune")))
 
     def client_ranks(self, state: ServerState, cid: int) -> dict[str, int]:
         return dict(state.extra.get("pruned_ranks", {}).get(str(cid), self.spec.client_ranks[cid]))

@@ -35,9 +35,12 @@ to us; every formula below is **our PROPOSAL** (docs/methods.md §14), labelled 
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -128,12 +131,48 @@ def stagg(global_tensors: dict[str, Tensor], uploads: list[dict[str, Tensor]], s
 
 
 # ------------------------------------------------------------------------------------------------ the methods
-from fedlora.adapters import ROLE_A, ROLE_B, ROLE_HEAD, Adapter, module_of, role_of  # noqa: E402
+from fedlora.adapters import (A_SUFFIX, B_SUFFIX, ROLE_A, ROLE_B, ROLE_HEAD, Adapter, module_of,  # noqa: E402
+                              role_of)
+from fedlora.client import LossFn, client_seed  # noqa: E402
+from fedlora.errors import ConfigError  # noqa: E402
 from fedlora.knapsack import solve_01, solve_position_aware, top_k_that_fit  # noqa: E402
 from fedlora.layers import block_index, modules_of  # noqa: E402
-from fedlora.methods.base import ClientPlan, Method, ServerState, Update, register  # noqa: E402
+from fedlora.memory import peak_rss, reset_peak_rss  # noqa: E402
+from fedlora.methods.base import ClientContext, ClientPlan, Method, ServerState, Update, register  # noqa: E402
 
 MB = 1_000_000
+
+
+def ig_gradient_norms(*, model: torch.nn.Module, slots, initial: Adapter, plan: ClientPlan, examples,
+                      loss_fn: LossFn, groups: list[list[str]], num_examples: int, batch_size: int, round_idx: int,
+                      seed: int) -> list[float]:
+    """Fed-piLot's local IG-Score (algorithms.md §3.3 step 2.2): ``‖∇_{θ_j} L(D^IG)‖₂`` per layer j (its A and B),
+    from one gradient over a seeded sample of ``num_examples`` local examples at the downloaded global adapter; no
+    optimiser step.  The pass holds every layer's gradient at once (the paper allows layer-by-layer accumulation
+    when memory forbids it; in simulation it is not budgeted)."""
+    slots.load(initial.with_tensors(plan.download))
+    params = slots.set_trainable(frozenset({"lora_A", "lora_B"}))
+    rng = np.random.default_rng([client_seed(seed, round_idx, plan.client_id), 61])
+    n = len(examples)
+    idx = np.sort(rng.choice(n, size=min(num_examples, n), replace=False))
+    model.train()
+    try:
+        for start in range(0, len(idx), batch_size):
+            chunk = idx[start:start + batch_size]
+            (loss_fn(model, examples.batch(chunk)) * (len(chunk) / len(idx))).backward()
+        norms = []
+        for group in groups:
+            sq = 0.0
+            for name in group:
+                for key in (name + A_SUFFIX, name + B_SUFFIX):
+                    g = slots.params[key].grad
+                    sq += float((g.double() ** 2).sum()) if g is not None else 0.0
+            norms.append(math.sqrt(sq))
+    finally:
+        for p in params:
+            p.grad = None
+            p.requires_grad_(False)
+    return norms
 
 
 def fit_layers(spec, budget: float, values: list[float] | None = None, order: list[int] | None = None,
@@ -179,8 +218,36 @@ class LayerAssignment(Method):
     use_momentum = False
     use_dwa = False
 
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if not cfg.memory.budgets:
+            raise ConfigError(f"method {cfg.method!r} assigns LoRA layers within each client's memory budget: set "
+                              f"memory.budgets (e.g. [0.5, 0.75, 1.0] with memory.unit = 'fraction')")
+        if cfg.dp.enabled:
+            raise ConfigError(f"method {cfg.method!r} with dp.enabled: layer-assignment methods do not support DP-SGD "
+                              f"yet")
+
     def init_state(self, initial: Adapter) -> ServerState:
         return ServerState(initial.clone(), {"global_scores": None})
+
+    def predicted_memory(self, plan: ClientPlan, layers: list[int]) -> float:
+        """Bytes the memory model predicts for a client training ``layers`` (the full-depth model)."""
+        return self.spec.memory.predict(layers)
+
+    def prepare_client(self, ctx: ClientContext, plan: ClientPlan) -> tuple[ClientPlan, dict]:
+        """Report the layers the client trains and their predicted memory."""
+        report: dict = {}
+        if plan.modules is not None:
+            report["layers"] = sorted({block_index(m) for m in plan.modules})
+            report["memory_predicted_mb"] = self.predicted_memory(plan, report["layers"]) / 1e6
+        return plan, report
+
+    @contextlib.contextmanager
+    def training_scope(self, ctx: ClientContext, plan: ClientPlan, report: dict):
+        """Measure the peak memory of local training above what was resident before it (Linux)."""
+        before = reset_peak_rss()
+        yield
+        report["memory_measured_mb"] = (peak_rss() - before) / 1e6
 
     def _budget(self, cid: int) -> float:
         budgets = self.spec.budgets
@@ -243,6 +310,19 @@ class FedPilot(LayerAssignment):
     citation = "Zhang et al., Fed-piLot: Optimizing LoRA Assignment for Efficient Federated FM Fine-Tuning, 2024"
     use_momentum = True
     use_dwa = True
+
+    def prepare_client(self, ctx: ClientContext, plan: ClientPlan) -> tuple[ClientPlan, dict]:
+        """The client's side of Fed-piLot (§3.3 step 2): IG-Scores on its own data at the downloaded adapter, then its
+        own knapsack over the combined scores; the plan then trains the chosen layers' modules."""
+        scores = ig_gradient_norms(model=ctx.model, slots=ctx.slots, initial=ctx.start(), plan=plan,
+                                   examples=ctx.examples, loss_fn=ctx.loss_fn, groups=self.spec.layer_groups,
+                                   num_examples=self.cfg.pilot.ig_examples, batch_size=ctx.train.batch_size,
+                                   round_idx=ctx.round_idx, seed=ctx.seed)
+        layers, report = self.select(plan, scores)
+        report["ig_gradient_norms"] = scores
+        plan = dataclasses.replace(plan, modules=modules_of(layers, self.spec.layer_groups))
+        plan, more = super().prepare_client(ctx, plan)
+        return plan, {**report, **more}
 
     def choose(self, round_idx, state, cid):
         p = self.cfg.pilot

@@ -1,0 +1,99 @@
+"""One client's round, the same in every engine: the client's side (:func:`client_work`: start from the download,
+train, encode the upload) and the server's side (:func:`receive_upload`: account, check, bound, accumulate)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from fedlora import wire
+from fedlora.adapters import Adapter
+from fedlora.client import train_client
+from fedlora.engine.runtime import Engine
+from fedlora.errors import UpdateError
+from fedlora.layers import modules_of
+from fedlora.methods.base import ClientContext, ClientPlan, Method, Update
+from fedlora.robust import bound_norm
+
+
+@dataclass
+class RoundUpdates:
+    """What the server received in one round: accepted updates, drops with reasons, traffic and update norms."""
+
+    updates: list[Update] = field(default_factory=list)
+    dropped: dict[int, str] = field(default_factory=dict)
+    norms: dict[int, float] = field(default_factory=dict)
+    up_bytes: int = 0
+    down_bytes: int = 0
+    reports: dict[int, dict] = field(default_factory=dict)
+    missing: dict[int, str] = field(default_factory=dict)  # sampled clients whose reply never came (Flower)
+
+
+def client_work(eng: Engine, plan: ClientPlan, t: int, method: Method) -> tuple[bytes, Update]:
+    """A client's side of round ``t``, the same in every engine: the method's :meth:`~Method.prepare_client` (it may
+    finish the plan with local information), start from the initial adapter with the plan's download in place,
+    train locally inside the method's :meth:`~Method.training_scope` with its :meth:`~Method.local_hooks` (DP-SGD
+    when the client has a privacy plan), and encode the upload.  Returns the upload's bytes and the update without
+    tensors."""
+    cfg, task = eng.prepared.cfg, eng.prepared.task
+    ranks = plan.ranks or eng.spec.client_ranks[plan.client_id]
+    slots = eng.pool.slots(ranks)
+    seed = plan.config.get("init_seed")
+    examples = eng.client_train[plan.client_id]
+    ctx = ClientContext(eng.model, slots, examples, task.loss, cfg.train, eng.spec, t, cfg.seed,
+                        start=lambda: eng.initial_for(ranks, seed))
+    plan, report = method.prepare_client(ctx, plan)
+    if plan.modules is not None and not plan.modules and not (plan.train & {"head"}):
+        update = Update(plan.client_id, len(examples), {},
+                        {"loss": float("nan"), "skipped": 1.0, "steps": 0.0})  # nothing fits its budget: sits out
+    else:
+        # the client's starting point goes into the slots here, and neither it nor the download is held while it
+        # trains (a rank-56 SmolLM2 adapter is 68 MB)
+        slots.load(ctx.start().with_tensors(plan.download))
+        plan = dataclasses.replace(plan, download={})
+        hooks = method.local_hooks(plan, slots)
+        with method.training_scope(ctx, plan, report):
+            update = train_client(model=eng.model, slots=slots, initial=None, plan=plan, examples=examples,
+                                  loss_fn=task.loss, train_cfg=cfg.train, round_idx=t, seed=cfg.seed,
+                                  privacy=eng.prepared.privacy.get(plan.client_id), accountant=None,
+                                  secure_rng=cfg.dp.secure_rng, hooks=hooks)
+    update.report.update(report)
+    blob = wire.encode(update.tensors)
+    return blob, dataclasses.replace(update, tensors={})  # from here on only the bytes travel
+
+
+def receive_upload(eng: Engine, plan, blob: bytes, update: Update, out: RoundUpdates, accountant,
+                   method=None, stream=None) -> None:
+    """The server's side of one client's round: account its DP-SGD steps, check the upload (a bad one is dropped
+    with its reason), bound its norm if configured, and fold it into the method's accumulator or keep it."""
+    cfg = eng.prepared.cfg
+    out.up_bytes += len(blob)
+    privacy = eng.prepared.privacy.get(plan.client_id)
+    if privacy is not None and update.metrics.get("steps"):
+        accountant.step(plan.client_id, privacy.noise_multiplier, privacy.sample_rate, int(update.metrics["steps"]))
+    ranks = plan.ranks or eng.spec.client_ranks[plan.client_id]
+    if update.report.get("layers") is not None and plan.modules is None:  # the client chose its layers
+        plan = dataclasses.replace(plan, modules=modules_of(update.report["layers"], eng.spec.layer_groups))
+    received, reason = _receive(blob, plan, eng.template_for(ranks), cfg)
+    if reason is not None:
+        out.dropped[plan.client_id] = reason
+        return
+    if cfg.robust.norm_bound > 0:
+        start = eng.initial_for(ranks, plan.config.get("init_seed")).with_tensors(plan.download)
+        received, out.norms[plan.client_id] = bound_norm(received, plan.uploaded(start), cfg.robust.norm_bound)
+    if stream is not None:
+        method.accumulate(stream, Update(update.client_id, update.num_examples, received, update.metrics))
+        received = {}
+    out.updates.append(Update(update.client_id, update.num_examples, received, update.metrics, update.report))
+    if update.report:
+        out.reports[plan.client_id] = update.report
+
+
+def _receive(blob: bytes, plan, initial: Adapter, cfg) -> tuple[dict, str | None]:
+    """Server-side checks of one upload; a bad one is dropped with its reason instead of stopping the run."""
+    try:
+        limit = int(cfg.robust.max_update_mb * 1e6)
+        return wire.receive_update(blob, plan.uploaded(initial), who=f"client {plan.client_id}",
+                                   max_bytes=limit), None
+    except UpdateError as exc:
+        return {}, str(exc)
+

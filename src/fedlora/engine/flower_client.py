@@ -1,0 +1,68 @@
+"""The client half of the Flower engine, from wire form to wire form: the node's engine (its base model loaded once
+per process) runs :func:`fedlora.engine.client_round.client_work` for the plan it was sent.  Used by the ClientApp
+in Flower's simulation runtime and by a deployment node's long-lived worker (:mod:`fedlora.engine.flower_worker`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from fedlora import wire
+from fedlora.config import ExperimentConfig, from_toml
+from fedlora.engine.client_round import client_work
+from fedlora.engine.flower_messages import apply_memory, plan_from_text, update_to_text
+
+
+_ENGINES: dict = {}  # config text → (engine, method): the base model is loaded once per process
+
+
+def _engine(config_text: str, data_dir: str | None):
+    key = (config_text, data_dir)
+    if key not in _ENGINES:
+        from fedlora.engine.prepare import prepare
+        from fedlora.engine.runtime import build_engine
+        from fedlora.methods import get_method
+
+        cfg = from_toml(config_text, where="the server's config")
+        # layer-subset methods: the server's calibrated memory model comes with each plan; no profiling here
+        cfg = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, calibrate=False))
+        if cfg.model.threads:  # the same thread count as the server's engine gives bit-identical local training
+            import torch
+
+            torch.set_num_threads(cfg.model.threads)
+        if data_dir:
+            cfg = _rebase_data(cfg, Path(data_dir))
+        _ENGINES.clear()
+        eng = build_engine(prepare(cfg), log=lambda *_: None)
+        _ENGINES[key] = (eng, get_method(cfg.method)(cfg, eng.spec))
+    return _ENGINES[key]
+
+
+def _rebase_data(cfg: ExperimentConfig, root: Path) -> ExperimentConfig:
+    data = cfg.data
+    changes = {}
+    for name in ("train", "validation", "instructions"):
+        value = getattr(data, name, "")
+        if value and "://" not in value and not value.startswith(("bundled:", "hf:")) and not Path(value).is_absolute():
+            changes[name] = str(root / value)
+    return dataclasses.replace(cfg, data=dataclasses.replace(data, **changes)) if changes else cfg
+
+
+def local_round(config_text: str, data_dir: str | None, plan_text: str, round_idx: int, download: bytes,
+                partition: int, memory_text: str = "", merge: bytes = b"",
+                base_state: bytes | None = None) -> tuple[bytes, str, bytes]:
+    """A client's round from wire form to wire form: (upload bytes, update JSON, the client's base state).  Runs in
+    the ClientApp process (simulation runtime: a long-lived Ray actor) or in the node's worker (deployment).
+    ``base_state`` is what the previous call returned for this node (FLoRA's offset, kept by Flower in the node's
+    ``context.state``); ``None`` when there is none."""
+    eng, method = _engine(config_text, data_dir)
+    if memory_text:
+        apply_memory(eng.spec, memory_text)
+    plan = plan_from_text(plan_text, wire.decode(download))
+    if plan.client_id != partition:
+        raise ValueError(f"this node holds partition {partition}, the plan is for client {plan.client_id}")
+    previous = wire.decode(base_state) if base_state is not None else None
+    offsets = method.client_base(wire.decode(merge) if merge else {}, previous)
+    eng.base.set(offsets or None)  # this client's frozen base: W0 + the method's offsets (FLoRA), else W0
+    blob, update = client_work(eng, plan, round_idx, method)
+    return blob, update_to_text(update), wire.encode(offsets)

@@ -1,0 +1,202 @@
+"""The round loop both engines run (DESIGN.md)::
+
+    plans = method.configure(t, state, sampled)            # what each client gets
+    received = collect(t, plans, ...)                      # in process, or by Flower's SuperNodes
+    state = method.aggregate(t, state, received.updates)   # or the method's streaming accumulator
+    evaluate, checkpoint, log (metrics.jsonl / metrics.csv / metrics.png)
+
+Everything a run needs before the model loads (config, data, partition, DP budget) is checked first
+(:mod:`fedlora.engine.prepare`), so bad input fails in seconds with a clear message.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fedlora.adapters import Adapter
+from fedlora.checkpoint import CheckpointError, load_checkpoint, restore_rng, save_checkpoint
+from fedlora.config import ExperimentConfig, to_toml
+from fedlora.engine.client_round import RoundUpdates
+from fedlora.engine.evaluate import evaluate_global
+from fedlora.engine.prepare import partition_digest, prepare, sample_clients
+from fedlora.engine.rundir import (check_resume_config, default_run_dir, export_adapter, fault_point, open_run_dir,
+                                   write_clients_file)
+from fedlora.engine.runtime import build_engine
+from fedlora.memory import release_freed_memory, return_large_frees_promptly
+from fedlora.methods import get_method
+from fedlora.methods.base import ServerState
+from fedlora.privacy import ClientAccountant
+from fedlora.ranks import describe_config
+from fedlora.report import MetricsLog, plot_run
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: list[dict]
+    adapter: Adapter
+
+    @property
+    def final_accuracy(self) -> float:
+        accs = [r["accuracy"] for r in self.metrics if r.get("accuracy") is not None]
+        return accs[-1] if accs else float("nan")
+
+
+
+def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, progress: bool = True,
+                   log=print, resume: bool = False, *, collect) -> RunResult:
+    """Run (or, with ``resume=True``, continue from ``out_dir``'s last checkpoint) an experiment.
+
+    ``collect(t, plans, engine, prepared, accountant, progress, method, stream) -> RoundUpdates`` runs the clients
+    of a round: :func:`fedlora.engine.simulation.collect_in_process` trains them in this process,
+    :class:`fedlora.engine.flower.FlowerRound` sends them to SuperNodes."""
+    threads = torch.get_num_threads()
+    if cfg.model.threads:
+        torch.set_num_threads(cfg.model.threads)
+    try:
+        return _run(cfg, out_dir, progress, log, resume, collect)
+    finally:
+        torch.set_num_threads(threads)  # model.threads is this run's, not the caller's process-wide setting
+
+
+def _run(cfg: ExperimentConfig, out_dir, progress: bool, log, resume: bool, collect) -> RunResult:
+    t_start = time.time()
+    return_large_frees_promptly()
+    ckpt = None
+    if resume:
+        if out_dir is None:
+            raise CheckpointError("resume needs the run directory")
+        ckpt = load_checkpoint(Path(out_dir))
+        check_resume_config(ckpt.config_toml, cfg)
+    prepared = prepare(cfg)
+    run_dir = open_run_dir(Path(out_dir) if out_dir else default_run_dir(cfg)) if ckpt is None else Path(out_dir)
+    (run_dir / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
+    n_clients = len(prepared.clients)
+    sizes = [len(c.train_rows) for c in prepared.clients]
+    shown = ", ".join(map(str, sizes)) if n_clients <= 16 else f"{min(sizes)}–{max(sizes)} each, {sum(sizes)} in all"
+    log(f"fedlora: {cfg.method} on {cfg.model.name}, {n_clients} clients ({shown} training examples), "
+        f"{cfg.rounds} rounds -> {run_dir}")
+    if prepared.heldout:
+        log(f"unseen (held-out) tasks: {len(prepared.heldout)}, {len(prepared.global_eval_rows)} evaluation rows")
+
+    eng = build_engine(prepared, log)
+    if len(set(prepared.rank_configs)) > 1 or cfg.lora.rank_distribution != "homogeneous":
+        counts: dict[str, int] = {}
+        for c in prepared.rank_configs:
+            counts[describe_config(c)] = counts.get(describe_config(c), 0) + 1
+        log("client ranks: " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
+    write_clients_file(run_dir, prepared, eng.spec)
+    method = get_method(cfg.method)(cfg, eng.spec)
+    state = method.init_state(eng.spec.initial(ranks=eng.default_ranks))
+    accountant = ClientAccountant()
+    metrics = MetricsLog(run_dir)
+    start = 1
+    if ckpt is not None:
+        state = ServerState(ckpt.state.adapter, ckpt.state.extra)
+        accountant.load_state_dict(ckpt.accountant)
+        metrics.replace(ckpt.metrics)  # drops any row written after the last committed checkpoint
+        restore_rng(ckpt.rng)
+        start = ckpt.round + 1
+        log(f"resuming {run_dir} after round {ckpt.round} of {cfg.rounds}")
+    plans, train_roles = [], None
+
+    for t in range(start, cfg.rounds + 1):
+        t0 = time.time()
+        sampled = sample_clients(cfg.seed, t, n_clients, cfg.clients.fraction)
+        plans = method.configure(t, state, sampled)
+        eng.base.set(method.base_delta(state))  # FLoRA: every client's base holds the merged updates so far
+        stream = method.begin(t, state, plans) if method.streams else None
+        received = collect(t, plans, eng, prepared, accountant, progress, method, stream)
+        state = method.finish(t, state, stream) if stream is not None else method.aggregate(t, state, received.updates)
+        train_roles = plans[0].train if plans else train_roles
+        stream = plans = None  # the round's downloads are not kept past it
+        release_freed_memory()
+        row = _round_row(t, received, prepared, accountant, cfg)
+        if t % cfg.eval.every == 0 or t == cfg.rounds:
+            generate = t == cfg.rounds or (cfg.eval.generate_every > 0 and t % cfg.eval.generate_every == 0)
+            row.update(evaluate_global(eng, method, state, generate))
+            release_freed_memory()
+        row["wall_s"] = round(time.time() - t0, 3)
+        fault_point("aggregate", t)
+        save_checkpoint(run_dir, t, state, accountant.state_dict(), metrics.rows + [row], to_toml(cfg),
+                        fault=fault_point)
+        fault_point("metrics", t)
+        metrics.append(row)
+        plot_run(metrics.rows, run_dir / "metrics.png", title=f"{cfg.method} · {cfg.model.name}")
+        log(_round_line(row, cfg))
+
+    final = method.export_adapter(state)
+    export_adapter(eng, method, state, final, run_dir)
+    headline = prepared.task.headline
+    last = metrics.rows[-1]
+    first_client = {c: k for k, c in reversed(list(enumerate(prepared.rank_configs)))}  # one client per configuration
+    trainable = {describe_config(c): eng.spec.initial(ranks=eng.spec.client_ranks[k]).num_parameters(train_roles)
+                 for c, k in sorted(first_client.items())} if train_roles else {}
+    summary = {"method": cfg.method, "rounds": cfg.rounds, "final_accuracy": last.get("accuracy"),
+               "headline_metric": headline, "final_score": last.get(headline),
+               "total_upload_bytes": sum(r["upload_bytes"] for r in metrics.rows),
+               "total_download_bytes": sum(r["download_bytes"] for r in metrics.rows),
+               "max_epsilon": max((r["epsilon"] or 0.0) for r in metrics.rows) if cfg.dp.enabled else None,
+               "wall_s": round(time.time() - t_start, 1),
+               "trainable_parameters_per_client": (next(iter(trainable.values())) if len(trainable) == 1
+                                                   else trainable) if trainable else None,
+               "client_train_examples": sizes if n_clients <= 64 else None,
+               "num_clients": n_clients,
+               "heldout_tasks": prepared.heldout,
+               "partition_sha256": partition_digest(prepared)}
+    summary.update(prepared.task.summary(last))
+    tmp = run_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, run_dir / "summary.json")  # written last: its presence marks a complete run
+    score = summary["final_score"]
+    what = ("unseen-task " if prepared.heldout else "") + prepared.task.headline_label
+    log(f"final {what}: {score:.4f}  ({summary['wall_s']} s)  -> {run_dir}" if score is not None
+        else f"done ({summary['wall_s']} s) -> {run_dir}")
+    return RunResult(run_dir, metrics.rows, final)
+
+
+
+def _round_row(t, received: RoundUpdates, prepared, accountant, cfg) -> dict:
+    updates = received.updates
+    trained = [u for u in updates if not u.metrics.get("skipped") and "loss" in u.metrics]  # none under DP
+    n = sum(u.num_examples for u in trained)
+    loss = sum(u.metrics["loss"] * u.num_examples for u in trained) / n if n else None
+    row = {"round": t, "loss": loss, "accuracy": None, "eval_loss": None, "upload_bytes": received.up_bytes,
+           "download_bytes": received.down_bytes, "epsilon": None, "clients": len(updates),
+           "rejected": len(received.dropped)}
+    if received.dropped:
+        row["dropped"] = received.dropped
+    if received.missing:
+        row["missing"] = received.missing
+    if received.norms:
+        row["update_norm"] = received.norms
+    for key in ("layers", "memory_predicted_mb", "memory_measured_mb"):
+        per = {k: r[key] for k, r in received.reports.items() if key in r}
+        if per:
+            row[f"{key}_per_client" if key != "layers" else "layers_trained"] = per
+    if cfg.dp.enabled:
+        eps = {k: accountant.epsilon(k, cfg.dp.delta) for k in range(len(prepared.clients))}
+        row["epsilon"] = max(eps.values())
+        row["epsilon_per_client"] = eps
+        row["noise_multiplier_per_client"] = {k: p.noise_multiplier for k, p in prepared.privacy.items()}
+    return row
+
+
+def _round_line(row: dict, cfg) -> str:
+    parts = [f"round {row['round']:>3}/{cfg.rounds}", f"loss {row['loss']:.4f}" if row["loss"] is not None else ""]
+    if row.get("accuracy") is not None:
+        parts.append(f"val acc {row['accuracy']:.4f}")
+    if row.get("rougeL_teacher_forced") is not None:
+        parts.append(f"unseen rougeL-tf {row['rougeL_teacher_forced']:.4f}")
+    if row.get("rougeL") is not None:
+        parts.append(f"rougeL {row['rougeL']:.4f}")
+    parts.append(f"up {row['upload_bytes'] / 1e3:.1f} kB  down {row['download_bytes'] / 1e3:.1f} kB")
+    if row.get("epsilon") is not None:
+        parts.append(f"eps {row['epsilon']:.2f}")
+    parts.append(f"{row['wall_s']:.1f}s")
+    return "  ".join(p for p in parts if p)
