@@ -81,3 +81,21 @@ def tiny_config():
                                   "data.max_eval_examples=32", "clients.num=3", "clients.partition=iid",
                                   "train.batch_size=8", "train.local_steps=2", *overrides])
     return make
+
+
+@pytest.fixture(scope="session")
+def toy_model_dir(tmp_path_factory):
+    """A tiny random BERT classifier (2 layers, width 32) saved with save_pretrained beside MiniLM's real tokenizer
+    files: a model folder the engine loads like any local model, in a fraction of a second."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from fedlora.models import resolve_model_path
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64)
+    d = tmp_path_factory.mktemp("toy") / "tiny-bert"
+    BertForSequenceClassification(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.golden.cases import CASES, HERE, run_case, stable_metrics
+from tests.golden.cases import CASES, HERE, SAME_AS, run_case, stable_metrics
 
 RTOL = 1e-6
 
@@ -46,10 +46,49 @@ def test_golden_run_is_reproduced(case, tmp_path):
         assert got.shape == want.shape and got.dtype == want.dtype, key
         scale = float(want.abs().max()) if want.numel() else 0.0
         torch.testing.assert_close(got, want, rtol=RTOL, atol=RTOL * scale, msg=lambda m, k=key: f"{k}: {m}")
-    want_rows = list(csv.reader(io.StringIO((HERE / case / "metrics.csv").read_text(encoding="utf-8"))))
-    got_rows = list(csv.reader(io.StringIO(stable_metrics(run_dir))))
+    _assert_same_metrics(stable_metrics(run_dir), (HERE / case / "metrics.csv").read_text(encoding="utf-8"))
+
+
+def _assert_same_metrics(got_text: str, want_text: str) -> None:
+    want_rows = list(csv.reader(io.StringIO(want_text)))
+    got_rows = list(csv.reader(io.StringIO(got_text)))
     assert got_rows[0] == want_rows[0], "metrics.csv columns changed"
     assert len(got_rows) == len(want_rows)
     for got, want in zip(got_rows[1:], want_rows[1:]):
         bad = [(col, g, w) for col, g, w in zip(want_rows[0], got, want) if not _close(g, w)]
         assert not bad, f"round {want[0]}: {bad}"
+
+
+def test_a_checkpoint_written_before_the_redesign_resumes_to_the_golden_run(tmp_path):
+    """``tests/golden/ffa_round1_checkpoint`` is round 1 of the ``ffa`` case written by the code before the
+    redesign (commit bd4a28d); resumed to 2 rounds by today's code it ends where the uninterrupted golden run does."""
+    import shutil
+
+    from fedlora.config import load_config
+    from fedlora.engine.simulation import run_experiment
+    from tests.golden.cases import ROOT, TINY, overrides
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(HERE / "ffa_round1_checkpoint", run_dir)
+    threads = torch.get_num_threads()
+    try:
+        run_experiment(load_config(str(ROOT / TINY), overrides("ffa")), out_dir=run_dir, progress=False,
+                       log=lambda *_: None, resume=True)
+    finally:
+        torch.set_num_threads(threads)
+    golden = load_file(str(HERE / "ffa" / "adapter.safetensors"))
+    ours = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    assert ours.keys() == golden.keys()
+    for key, want in golden.items():
+        torch.testing.assert_close(ours[key], want, rtol=RTOL, atol=RTOL * float(want.abs().max()))
+    _assert_same_metrics(stable_metrics(run_dir), (HERE / "ffa" / "metrics.csv").read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("flower_case", sorted(SAME_AS))
+def test_flower_goldens_equal_their_in_process_goldens(flower_case):
+    """The Flower engine's recorded run is the in-process one (for DP: σ calibrated by the server, sent in plans)."""
+    ours = load_file(str(HERE / flower_case / "adapter.safetensors"))
+    theirs = load_file(str(HERE / SAME_AS[flower_case] / "adapter.safetensors"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    _assert_same_metrics((HERE / flower_case / "metrics.csv").read_text(encoding="utf-8"),
+                         (HERE / SAME_AS[flower_case] / "metrics.csv").read_text(encoding="utf-8"))

@@ -113,28 +113,6 @@ class Adapter:
         return Adapter({n: LoraModule(m.A.clone(), m.B.clone(), m.alpha) for n, m in self.modules.items()},
                        {k: v.clone() for k, v in self.head.items()})
 
-    # ---------------------------------------------------------------- PEFT state dicts
-    def to_peft_state_dict(self) -> dict[str, Tensor]:
-        """Keys as ``peft.get_peft_model_state_dict`` returns them (adapter name stripped)."""
-        return {PEFT_PREFIX + k: v for k, v in self.to_flat().items()}
-
-    @classmethod
-    def from_peft_state_dict(cls, state_dict: dict[str, Tensor], alphas: dict[str, float] | float) -> "Adapter":
-        """Inverse of :meth:`to_peft_state_dict`. ``alphas`` gives alpha per module (or one value for all)."""
-        flat = {(k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k): v for k, v in state_dict.items()}
-        names = sorted({module_of(k) for k in flat if role_of(k) != ROLE_HEAD})
-        modules = {}
-        for name in names:
-            a, b = flat.get(name + A_SUFFIX), flat.get(name + B_SUFFIX)
-            if a is None or b is None:
-                raise UpdateError(f"module {name!r} lacks its {'lora_A' if a is None else 'lora_B'} tensor")
-            if a.shape[0] != b.shape[1]:
-                raise UpdateError(f"module {name!r}: A has rank {a.shape[0]} but B has rank {b.shape[1]}")
-            alpha = alphas if isinstance(alphas, (int, float)) else alphas[name]
-            modules[name] = LoraModule(a.clone(), b.clone(), float(alpha))
-        head = {k: v.clone() for k, v in flat.items() if role_of(k) == ROLE_HEAD}
-        return cls(modules, head)
-
     # ---------------------------------------------------------------- counts
     def num_parameters(self, roles: tuple[str, ...] | frozenset[str] = ROLES) -> int:
         return sum(t.numel() for t in self.to_flat(roles).values())

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedlora.adapters import Adapter
 from fedlora.errors import FedloraError
-from fedlora.methods.base import ServerState
+from fedlora.lora import adapter_from_peft_state_dict
+from fedlora.protocol import ServerState
 
 CHECKPOINT_DIR = "checkpoint"
 FORMAT = 1
@@ -150,7 +150,7 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
                               f"resume refused, no file was changed")
     flat = load_file(str(tensor_path))
     adapter_flat = {k[len("adapter/"):]: v for k, v in flat.items() if k.startswith("adapter/")}
-    adapter = Adapter.from_peft_state_dict(adapter_flat, meta["alphas"])
+    adapter = adapter_from_peft_state_dict(adapter_flat, meta["alphas"])
     extra = dict(meta.get("extra", {}))
     extra.update({k[len("extra/"):]: v for k, v in flat.items() if k.startswith("extra/")})
     accountant = {int(k): [tuple(h) for h in v] for k, v in meta["accountant"].items()}

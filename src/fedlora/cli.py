@@ -8,20 +8,9 @@ Bad input exits with status 2 and a one-paragraph message on stderr (no tracebac
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-
-def _offline_defaults() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    import warnings
-
-    # Known-harmless warnings of the pinned stack (feasibility.md §6): keep the console readable.
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message="Secure RNG turned off")
-    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+from fedlora.console import quiet_console
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -145,7 +134,7 @@ def _cmd_info(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _offline_defaults()
+    quiet_console()
     args = _parser().parse_args(argv)
     from fedlora.errors import FedloraError
 

@@ -2,7 +2,7 @@
 
 Only the parameters whose role is in ``plan.train`` require gradients and only they are given to the optimiser
 (FFA-LoRA oracle O5).  Under DP the model is wrapped, for this client only, in Opacus' ``GradSampleModule`` and the
-optimiser in ``DPOptimizer`` ("wrap, don't replace"); the hooks are removed before the next client.
+optimiser in ``DPOptimizer`` (:mod:`fedlora.dpsgd`); the hooks are removed before the next client.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from fedlora.adapters import ROLE_HEAD, Adapter, role_of
 from fedlora.data.tasks import Examples
+from fedlora.dpsgd import local_step
 from fedlora.protocol import ClientPlan, LocalHooks, Update
 from fedlora.models import LoraSlots
 from fedlora.privacy import ClientAccountant, ClientPrivacy
@@ -108,66 +109,39 @@ def train_client(*, model: nn.Module, slots: LoraSlots, initial: Adapter | None,
     head_params = [p for k, p in slots.params.items() if role_of(k) == ROLE_HEAD and p.requires_grad]
     optimizer = make_optimizer(params, train_cfg, round_lr(train_cfg, round_idx),
                                head=(head_params, round_head_lr(train_cfg, round_idx)))
-    forward_model: nn.Module = model
-    gsm = None
-    if privacy is not None:
-        from opacus.grad_sample import GradSampleModule
-        from opacus.optimizers import DPOptimizer
-
-        gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
-        forward_model = gsm
-        noise_gen = None if secure_rng else torch.Generator().manual_seed(s + 1)
-        optimizer = DPOptimizer(optimizer, noise_multiplier=privacy.noise_multiplier, max_grad_norm=privacy.clip,
-                                expected_batch_size=train_cfg.batch_size, loss_reduction="mean",
-                                generator=noise_gen, secure_mode=secure_rng)
     model.train()
     losses: list[float] = []
-    empty_batches = 0
     hooks = hooks or LocalHooks()
     try:
-        for _ in range(steps):
-            optimizer.zero_grad(set_to_none=True)
-            idx = sampler.next()
-            if sort_by_length and len(idx) > micro:
-                idx = idx[np.argsort(lengths[idx], kind="stable")]
-            batch_loss = 0.0
-            for start in range(0, len(idx), micro):
-                chunk = idx[start:start + micro]
-                loss = loss_fn(forward_model, examples.batch(chunk))
-                weight = 1.0 if privacy is not None else len(chunk) / len(idx)
-                extra = hooks.penalty(slots) if start == 0 else None  # the method's loss term, once per step
-                if extra is not None:
-                    if privacy is not None:
-                        raise ValueError("a method's loss term is not part of the privatised gradient; it cannot "
-                                         "run under DP-SGD")
-                    loss = loss + extra / weight
-                # Under DP the GradSampleModule turns each chunk's mean loss into exact per-example gradients.
-                (loss * weight).backward()
-                batch_loss += float(loss.detach()) * len(chunk)
-            if privacy is not None:
-                if len(idx) == 0:  # an empty Poisson batch still takes a noise-only step
-                    empty_batches += 1
-                    for p in params:
-                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
-                else:  # several micro-batches: one logical batch for Opacus' averaging
-                    for p in params:
-                        if isinstance(p.grad_sample, list):
-                            p.grad_sample = torch.cat(p.grad_sample, dim=0)
-                optimizer.step()
-                if accountant is not None:
-                    accountant.step(plan.client_id, privacy.noise_multiplier, privacy.sample_rate)
-            else:
-                optimizer.step()
-            if len(idx):
-                losses.append(batch_loss / len(idx))
+        with local_step(model, optimizer, privacy, expected_batch_size=train_cfg.batch_size, noise_seed=s + 1,
+                        secure_rng=secure_rng, accountant=accountant, client_id=plan.client_id) as stepper:
+            for _ in range(steps):
+                stepper.optimizer.zero_grad(set_to_none=True)
+                idx = sampler.next()
+                if sort_by_length and len(idx) > micro:
+                    idx = idx[np.argsort(lengths[idx], kind="stable")]
+                batch_loss = 0.0
+                for start in range(0, len(idx), micro):
+                    chunk = idx[start:start + micro]
+                    loss = loss_fn(stepper.model, examples.batch(chunk))
+                    weight = stepper.chunk_weight(len(chunk), len(idx))
+                    extra = hooks.penalty(slots) if start == 0 else None  # the method's loss term, once per step
+                    if extra is not None:
+                        if stepper.private:
+                            raise ValueError("a method's loss term is not part of the privatised gradient; it "
+                                             "cannot run under DP-SGD")
+                        loss = loss + extra / weight
+                    (loss * weight).backward()
+                    batch_loss += float(loss.detach()) * len(chunk)
+                stepper.step(params, len(idx))
+                if len(idx):
+                    losses.append(batch_loss / len(idx))
     finally:
-        if gsm is not None:
-            gsm._close()
         for p in params:
             p.requires_grad_(False)
             p.grad = None
     trained = slots.read()
-    metrics = {"steps": float(steps), "empty_batches": float(empty_batches)}
+    metrics = {"steps": float(steps), "empty_batches": float(stepper.empty_batches)}
     if privacy is None:
         # Under DP the client reports nothing computed from its data but the privatised tensors: its training loss
         # is a statistic of its examples outside the accounting, so it is not sent (the checksum of A is

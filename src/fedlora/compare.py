@@ -162,9 +162,9 @@ def _run_cell(cfg: ExperimentConfig, d: Path, progress: bool, threads: int) -> N
     from fedlora.engine.simulation import run_experiment
 
     if threads:  # a spawned worker: the same quiet console as the parent's
-        from fedlora.cli import _offline_defaults
+        from fedlora.console import quiet_console
 
-        _offline_defaults()
+        quiet_console()
         torch.set_num_threads(threads)
     run_experiment(cfg, out_dir=d, progress=progress, log=lambda *_: None,
                    resume=(d / "checkpoint" / "checkpoint.json").is_file())

@@ -41,7 +41,7 @@ def _rdp_accountant():
 def projected_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
     """ε after ``steps`` Poisson-subsampled Gaussian steps, by the RDP accountant."""
     acc = _rdp_accountant()
-    acc.history = [(noise_multiplier, sample_rate, steps)]
+    acc.load_state_dict({"history": [(noise_multiplier, sample_rate, steps)], "mechanism": acc.mechanism()})
     return acc.get_epsilon(delta)
 
 
@@ -118,11 +118,13 @@ class ClientAccountant:
         return float(acc.get_epsilon(delta))
 
     def state_dict(self) -> dict[int, list[tuple[float, float, int]]]:
-        return {cid: list(acc.history) for cid, acc in self._acc.items()}
+        """Per client, the history of its Opacus accountant's own ``state_dict`` (the checkpoint's JSON form)."""
+        return {cid: list(acc.state_dict()["history"]) for cid, acc in self._acc.items()}
 
     def load_state_dict(self, state: dict[int, list[tuple[float, float, int]]]) -> None:
+        """Inverse of :meth:`state_dict`, through Opacus' ``load_state_dict``."""
         self._acc = {}
         for cid, history in state.items():
             acc = _rdp_accountant()
-            acc.history = [tuple(h) for h in history]
+            acc.load_state_dict({"history": [tuple(h) for h in history], "mechanism": acc.mechanism()})
             self._acc[int(cid)] = acc

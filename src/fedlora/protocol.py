@@ -34,6 +34,10 @@ class ClientPlan:
     """Tensors the client merges into its frozen base before training (FLoRA); counted as downlink traffic."""
     modules: frozenset[str] | None = None
     """Only these LoRA modules train and are uploaded (layer-subset methods); None = every module."""
+    privacy: Any = None
+    """This client's DP-SGD parameters for the run (:class:`fedlora.privacy.ClientPrivacy`: σ, q, steps per round,
+    C, δ), set by the engine from the run's DP plan — a Flower node trains with what the server calibrated; None =
+    no DP."""
 
     def uploaded(self, adapter: Adapter) -> dict[str, Tensor]:
         """The flat tensors of ``adapter`` this plan uploads: its ``upload`` roles, restricted to ``modules``."""

@@ -2,6 +2,7 @@
 engine (same config and seed → the same final adapter), with a SuperNode that fails."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -34,10 +35,14 @@ METHODS = {"fedit": (TINY, []), "ffa": (TINY, []),
 
 
 def test_plan_and_update_travel_as_text():
+    from fedlora.privacy import ClientPrivacy
+
     plan = ClientPlan(3, {}, frozenset({"lora_B"}), frozenset({"lora_B", "head"}), {"init_seed": 7},
                       {"m.q": 4}, modules=frozenset({"m.q"}))
     back = flower.plan_from_text(flower.plan_to_text(plan), {})
     assert back == plan
+    private = dataclasses.replace(plan, privacy=ClientPrivacy(0.91, 0.25, 2, 1.0, 1e-5))  # σ travels with the plan
+    assert flower.plan_from_text(flower.plan_to_text(private), {}) == private
     update = Update(3, 27, {}, {"loss": 0.5, "steps": 2.0}, {"layers": [1, 2], "ig": {0: 1.5}})
     again = flower.update_from_text(flower.update_to_text(update))
     assert again.client_id == 3 and again.num_examples == 27 and again.metrics == update.metrics
@@ -213,7 +218,7 @@ def test_a_reply_that_fails_validation_is_dropped_with_its_reason(tmp_path):
         if int(context.node_config["partition-id"]) == 0 and int(msg.content["plan"]["round"]) == 2:
             tensors = wire.decode(reply.content["upload"]["tensors"].data)
             poisoned = {k: torch.full_like(v, float("nan")) for k, v in tensors.items()}
-            reply.content["upload"] = ArrayRecord({"tensors": flower._bytes_array(wire.encode(poisoned))})
+            reply.content["upload"] = ArrayRecord({"tensors": flower.bytes_array(wire.encode(poisoned))})
         return reply
 
     app.query()(flower.client_query)

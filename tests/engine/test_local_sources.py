@@ -11,18 +11,8 @@ from fedlora.models import resolve_model_path
 
 
 @pytest.fixture
-def local_model_dir(tmp_path):
-    """A tiny random BERT classifier saved with save_pretrained, using MiniLM's real tokenizer files."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    tok = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64)
-    d = tmp_path / "tiny-bert"
-    BertForSequenceClassification(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+def local_model_dir(toy_model_dir):
+    return toy_model_dir
 
 
 def test_hf_source_reads_a_local_datasets_folder(tmp_path):

@@ -128,9 +128,9 @@ def test_same_seed_same_adapter(tmp_path, tiny_config):
 
 
 def test_impossible_dp_budget_is_refused_before_the_model_loads(tmp_path, tiny_config, monkeypatch):
-    import fedlora.engine.runtime as runtime
+    import fedlora.models as models
 
-    monkeypatch.setattr(runtime, "load_classifier", lambda *a, **k: pytest.fail("model loaded before DP check"))
+    monkeypatch.setattr(models, "load_classifier", lambda *a, **k: pytest.fail("model loaded before DP check"))
     cfg = tiny_config("dp.enabled=true", "dp.epsilon=6", "train.batch_size=32")  # 21 rows per client < 32
     with pytest.raises(PrivacyBudgetError, match="Poisson sampling needs batch_size < n"):
         run_experiment(cfg, out_dir=tmp_path / "run", progress=False, log=lambda *_: None)

@@ -33,7 +33,11 @@ CASES: dict[str, tuple[str, list[str], str]] = {
     "fedra": (PILOT, ["method=fedra"], "inprocess"),
     "topk": (PILOT, ["method=topk"], "inprocess"),
     "flower_ffa": (TINY, ["method=ffa"], "flower"),
+    # recorded after the redesign (σ now travels in the plan): it must equal the in-process ffa_dp case
+    "flower_ffa_dp": (TINY, ["method=ffa", "dp.enabled=true", "dp.epsilon=8", "train.optimizer=\"sgd\"",
+                             "train.lr=0.5"], "flower"),
 }
+SAME_AS = {"flower_ffa": "ffa", "flower_ffa_dp": "ffa_dp"}  # a Flower run gives the in-process run's numbers
 VOLATILE = ("wall_s", "memory_measured")  # columns that measure the machine, not the method
 
 

@@ -54,7 +54,7 @@ def client_work(eng: Engine, plan: ClientPlan, t: int, method: Method) -> tuple[
         with method.training_scope(ctx, plan, report):
             update = train_client(model=eng.model, slots=slots, initial=None, plan=plan, examples=examples,
                                   loss_fn=task.loss, train_cfg=cfg.train, round_idx=t, seed=cfg.seed,
-                                  privacy=eng.prepared.privacy.get(plan.client_id), accountant=None,
+                                  privacy=plan.privacy, accountant=None,
                                   secure_rng=cfg.dp.secure_rng, hooks=hooks)
     update.report.update(report)
     blob = wire.encode(update.tensors)
@@ -67,7 +67,7 @@ def receive_upload(eng: Engine, plan, blob: bytes, update: Update, out: RoundUpd
     with its reason), bound its norm if configured, and fold it into the method's accumulator or keep it."""
     cfg = eng.prepared.cfg
     out.up_bytes += len(blob)
-    privacy = eng.prepared.privacy.get(plan.client_id)
+    privacy = plan.privacy
     if privacy is not None and update.metrics.get("steps"):
         accountant.step(plan.client_id, privacy.noise_multiplier, privacy.sample_rate, int(update.metrics["steps"]))
     ranks = plan.ranks or eng.spec.client_ranks[plan.client_id]

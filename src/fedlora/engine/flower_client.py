@@ -33,7 +33,7 @@ def _engine(config_text: str, data_dir: str | None):
         if data_dir:
             cfg = _rebase_data(cfg, Path(data_dir))
         _ENGINES.clear()
-        eng = build_engine(prepare(cfg), log=lambda *_: None)
+        eng = build_engine(prepare(cfg, plan_dp=False), log=lambda *_: None)  # σ comes in the plans
         _ENGINES[key] = (eng, get_method(cfg.method)(cfg, eng.spec))
     return _ENGINES[key]
 

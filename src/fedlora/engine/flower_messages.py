@@ -3,6 +3,7 @@ fields as JSON, the server's memory model, and the safetensors bytes wrapped as 
 unpickled."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import TYPE_CHECKING
 
@@ -14,16 +15,19 @@ def plan_to_text(plan: ClientPlan) -> str:
     """The non-tensor fields of a plan as JSON."""
     return json.dumps({"client_id": plan.client_id, "train": sorted(plan.train), "upload": sorted(plan.upload),
                        "config": plan.config, "ranks": plan.ranks,
-                       "modules": sorted(plan.modules) if plan.modules is not None else None})
+                       "modules": sorted(plan.modules) if plan.modules is not None else None,
+                       "privacy": dataclasses.asdict(plan.privacy) if plan.privacy is not None else None})
 
 
 def plan_from_text(text: str, download: dict) -> ClientPlan:
+    from fedlora.privacy import ClientPrivacy
     from fedlora.protocol import ClientPlan
 
     d = json.loads(text)
+    privacy = ClientPrivacy(**d["privacy"]) if d.get("privacy") is not None else None
     return ClientPlan(int(d["client_id"]), download, frozenset(d["train"]), frozenset(d["upload"]),
                       dict(d["config"]), {k: int(v) for k, v in d["ranks"].items()},
-                      modules=frozenset(d["modules"]) if d["modules"] is not None else None)
+                      modules=frozenset(d["modules"]) if d["modules"] is not None else None, privacy=privacy)
 
 
 def update_to_text(update: Update) -> str:

@@ -10,6 +10,7 @@ Everything a run needs before the model loads (config, data, partition, DP budge
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -109,6 +110,8 @@ def _run(cfg: ExperimentConfig, out_dir, progress: bool, log, resume: bool, coll
         t0 = time.time()
         sampled = sample_clients(cfg.seed, t, n_clients, cfg.clients.fraction)
         plans = method.configure(t, state, sampled)
+        if prepared.privacy:  # each client's σ, q, steps and C travel with its plan
+            plans = [dataclasses.replace(p, privacy=prepared.privacy[p.client_id]) for p in plans]
         eng.base.set(method.base_delta(state))  # FLoRA: every client's base holds the merged updates so far
         stream = method.begin(t, state, plans) if method.streams else None
         received = collect(t, plans, eng, prepared, accountant, progress, method, stream)

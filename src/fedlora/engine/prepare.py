@@ -109,8 +109,9 @@ def _check_method_options(cfg: ExperimentConfig, method_cls) -> None:
     method_cls.check_config(cfg)
 
 
-def prepare(cfg: ExperimentConfig) -> Prepared:
-    """Load and check data, partition it, assign client ranks and plan DP — no model is touched."""
+def prepare(cfg: ExperimentConfig, plan_dp: bool = True) -> Prepared:
+    """Load and check data, partition it, assign client ranks and plan DP — no model is touched.  ``plan_dp=False``:
+    no DP plan (a Flower node, which receives its client's σ, q, steps and C in each plan)."""
     method_cls = get_method(cfg.method)
     _check_method_options(cfg, method_cls)
     task = make_task(cfg)
@@ -131,7 +132,7 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
     if not method_cls.heterogeneous_ranks:
         configs = [smallest_config(configs)] * len(clients)
     prepared = Prepared(cfg, task, clients, rank_configs=configs, global_eval_rows=global_rows, heldout=heldout)
-    if cfg.dp.enabled:
+    if cfg.dp.enabled and plan_dp:
         sizes = {k: len(c.train_rows) for k, c in enumerate(clients)}
         steps = {k: steps_per_round(cfg.train, n) for k, n in sizes.items()}
         prepared.privacy = plan_privacy(cfg.dp, sizes, steps, cfg.rounds, cfg.train.batch_size)

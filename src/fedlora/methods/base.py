@@ -89,6 +89,10 @@ class Method(ABC):
     B = 0 those are all zero under a zero classification head, so ``model.head_init = "auto"`` keeps the model's
     random head for such methods."""
 
+    minimal_overrides: ClassVar[tuple[str, ...]] = ()
+    """``--set`` overrides the smallest run of this method needs beyond the defaults (memory budgets, heterogeneous
+    ranks); the table-driven test runs every registered method with them, so a new method is tested by registering
+    it."""
     streams: ClassVar[bool] = False
     """True when the server folds each upload into an accumulator as it arrives (:meth:`begin`, :meth:`accumulate`,
     :meth:`finish`) instead of holding every update until :meth:`aggregate`."""

@@ -64,6 +64,7 @@ class FlexLoRA(Method):
     heterogeneous_ranks = True
     averages_tensors = False
     streams = True
+    minimal_overrides = ('lora.rank_distribution="explicit"', "lora.client_ranks=[2, 4, 8]")
 
     def init_state(self, initial: Adapter) -> ServerState:
         """Before the first aggregation the global ΔW is zero: kept as a rank-1 adapter with ``B = A = 0`` (clients

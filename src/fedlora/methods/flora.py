@@ -50,6 +50,7 @@ class FLoRA(Method):
     citation = "Wang et al., FLoRA: Federated Fine-Tuning LLMs with Heterogeneous Low-Rank Adaptations, NeurIPS 2024"
     heterogeneous_ranks = True
     averages_tensors = False
+    minimal_overrides = ('lora.rank_distribution="explicit"', "lora.client_ranks=[2, 4, 8]")
 
     @classmethod
     def alpha_per_rank(cls, cfg) -> float:

@@ -107,6 +107,7 @@ class HetLoRA(Method):
                "rank with a tail-norm regulariser.")
     citation = "Cho et al., Heterogeneous LoRA for Federated Fine-tuning of On-Device Foundation Models, EMNLP 2024"
     heterogeneous_ranks = True
+    minimal_overrides = ('lora.rank_distribution="explicit"', "lora.client_ranks=[2, 4, 8]")
     averages_tensors = False
 
     @classmethod

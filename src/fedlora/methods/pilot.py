@@ -214,6 +214,7 @@ class LayerAssignment(Method):
 
     averages_tensors = False
     needs_memory_model = True
+    minimal_overrides = ("memory.budgets=[0.5, 0.75, 1.0]", 'memory.unit="fraction"', "memory.calibrate=false")
     scores_layers_by_gradient = True
     use_momentum = False
     use_dwa = False
