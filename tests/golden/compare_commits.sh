@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Bit-identity of two commits on one machine: record every golden case with each commit's src/ and compare the
-# files byte for byte.   sh tests/golden/compare_commits.sh OLD NEW   (NEW defaults to the working tree)
+# files byte for byte.   bash tests/golden/compare_commits.sh OLD NEW   (NEW defaults to the working tree)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OLD=$1; NEW=${2:-}
