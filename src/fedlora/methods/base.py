@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from torch import Tensor
@@ -67,6 +68,19 @@ def client_factors(updates: list[Update], module: str) -> tuple[list[Tensor], li
     return [u.tensors[module + B_SUFFIX] for u in updates], [u.tensors[module + A_SUFFIX] for u in updates]
 
 
+@dataclass(frozen=True)
+class MethodConfig:
+    """What a method reads of a run's configuration: its own typed sections (those it names in
+    ``Method.config_sections``) and the aggregation settings every averaging method shares — whether the task head is
+    aggregated (``lora.head``), the robust rule (``robust``) and the server optimiser (``server``).  The rest of the
+    experiment config (data, model, training, DP, …) is the engine's."""
+
+    sections: dict[str, Any] = field(default_factory=dict)
+    head: str = "aggregate"
+    robust: Any = None
+    server: Any = None
+
+
 class Method(ABC):
     """Base class of a federated LoRA method. Subclasses set ``name`` and ``summary`` and implement two hooks."""
 
@@ -97,9 +111,25 @@ class Method(ABC):
     """True when the server folds each upload into an accumulator as it arrives (:meth:`begin`, :meth:`accumulate`,
     :meth:`finish`) instead of holding every update until :meth:`aggregate`."""
 
-    def __init__(self, cfg: Any, spec: FederationSpec | None = None):
-        self.cfg = cfg
+    config_sections: ClassVar[tuple[str, ...]] = ()
+    """The experiment config sections this method owns (``hetlora``, ``pilot``, …): all it receives of them."""
+
+    def __init__(self, config: Any, spec: FederationSpec | None = None):
+        """``config``: a :class:`MethodConfig`, or the experiment config, of which only this method's sections and
+        the shared aggregation settings are kept (:meth:`method_config`)."""
+        self.config = config if isinstance(config, MethodConfig) else self.method_config(config)
         self.spec = spec
+
+    @classmethod
+    def method_config(cls, cfg: Any) -> MethodConfig:
+        """The part of an experiment config this method receives."""
+        return MethodConfig({name: getattr(cfg, name) for name in cls.config_sections},
+                            getattr(getattr(cfg, "lora", None), "head", "aggregate"),
+                            getattr(cfg, "robust", None), getattr(cfg, "server", None))
+
+    def section(self, name: str) -> Any:
+        """One of this method's own config sections."""
+        return self.config.sections[name]
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:
@@ -153,7 +183,7 @@ class Method(ABC):
 
     def average(self, state: ServerState, updates: list[Update]) -> ServerState:
         """:func:`average_uploaded` with this run's ``robust`` rule and ``server`` optimiser."""
-        return average_uploaded(state, updates, getattr(self.cfg, "robust", None), getattr(self.cfg, "server", None))
+        return average_uploaded(state, updates, self.config.robust, self.config.server)
 
     def global_adapter(self, state: ServerState) -> Adapter:
         """The adapter that is evaluated and exported (PEFT format)."""
@@ -174,7 +204,7 @@ class Method(ABC):
         return 0.0
 
     def head_roles(self) -> frozenset[str]:
-        return frozenset({"head"}) if getattr(self.cfg.lora, "head", "aggregate") == "aggregate" else frozenset()
+        return frozenset({"head"}) if self.config.head == "aggregate" else frozenset()
 
 
 __all__ = ["ClientContext", "ClientPlan", "FederationSpec", "LocalHooks", "Method", "ServerState", "Update",

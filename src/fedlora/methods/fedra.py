@@ -164,7 +164,7 @@ class RandK(LayerAssignment):
         if mm.predict(range(n)) <= budget:
             return list(range(n)), {}
         order = random_order(self.spec.seed, round_idx, cid, n)
-        if self.cfg.memory.position_aware:
+        if self.section("memory").position_aware:
             return take_while_fits(order, mm.predict, budget), {}
         costs = mm.additive_costs()
         return take_while_fits(order, lambda s: mm.step_bytes + sum(costs[j] for j in s), budget), {}
@@ -178,4 +178,4 @@ class TopK(LayerAssignment):
     def choose(self, round_idx, state, cid):
         n = len(self.spec.layer_groups)
         return fit_layers(self.spec, self._budget(cid), order=list(reversed(range(n))),
-                          position_aware=self.cfg.memory.position_aware), {}
+                          position_aware=self.section("memory").position_aware), {}

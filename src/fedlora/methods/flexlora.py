@@ -64,6 +64,7 @@ class FlexLoRA(Method):
     heterogeneous_ranks = True
     averages_tensors = False
     streams = True
+    config_sections = ("flexlora",)
     minimal_overrides = ('lora.rank_distribution="explicit"', "lora.client_ranks=[2, 4, 8]")
 
     def init_state(self, initial: Adapter) -> ServerState:
@@ -84,7 +85,7 @@ class FlexLoRA(Method):
                 download = dict(head)
                 if state.extra.get("aggregated"):
                     for name, module in state.adapter.modules.items():
-                        B, A = redistribute(module, ranks[name], self.spec.alpha, self.cfg.flexlora.svd_split,
+                        B, A = redistribute(module, ranks[name], self.spec.alpha, self.section("flexlora").svd_split,
                                             completion_seed(self.spec.seed, round_idx, name))
                         download[name + B_SUFFIX], download[name + A_SUFFIX] = B, A
                 downloads[key] = download

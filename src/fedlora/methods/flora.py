@@ -50,6 +50,7 @@ class FLoRA(Method):
     citation = "Wang et al., FLoRA: Federated Fine-Tuning LLMs with Heterogeneous Low-Rank Adaptations, NeurIPS 2024"
     heterogeneous_ranks = True
     averages_tensors = False
+    config_sections = ("flora",)
     minimal_overrides = ('lora.rank_distribution="explicit"', "lora.client_ranks=[2, 4, 8]")
 
     @classmethod
@@ -58,7 +59,7 @@ class FLoRA(Method):
 
     def client_scale(self, rank: int) -> float:
         """``s_k`` of a client of this rank: ``flora.alpha_per_rank`` (α_k = c·r_k), or ``lora.alpha / r_k``."""
-        c = self.alpha_per_rank(self.cfg)
+        c = self.section("flora").alpha_per_rank
         return c if c > 0 else self.spec.alpha / rank
 
     def init_state(self, initial: Adapter) -> ServerState:

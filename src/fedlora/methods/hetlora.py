@@ -107,6 +107,7 @@ class HetLoRA(Method):
                "rank with a tail-norm regulariser.")
     citation = "Cho et al., Heterogeneous LoRA for Federated Fine-tuning of On-Device Foundation Models, EMNLP 2024"
     heterogeneous_ranks = True
+    config_sections = ("hetlora",)
     minimal_overrides = ('lora.rank_distribution="explicit"', "lora.client_ranks=[2, 4, 8]")
     averages_tensors = False
 
@@ -130,7 +131,7 @@ class HetLoRA(Method):
     def configure(self, round_idx: int, state: ServerState, client_ids: list[int]) -> list[ClientPlan]:
         roles = frozenset({ROLE_A, ROLE_B}) | self.head_roles()
         head = state.adapter.to_flat(self.head_roles())
-        h = self.cfg.hetlora
+        h = self.section("hetlora")
         plans, downloads = [], {}
         for cid in client_ids:
             ranks = self.client_ranks(state, cid)
@@ -163,7 +164,7 @@ class HetLoRA(Method):
         for u in updates:
             if u.metrics.get("prune"):
                 ranks = self.client_ranks(state, u.client_id)
-                pruned[str(u.client_id)] = {n: pruned_rank(r, self.cfg.hetlora.gamma) for n, r in ranks.items()}
+                pruned[str(u.client_id)] = {n: pruned_rank(r, self.section("hetlora").gamma) for n, r in ranks.items()}
         data_w = data_weights(updates)
         modules = {}
         for name, module in state.adapter.modules.items():
@@ -172,9 +173,9 @@ class HetLoRA(Method):
             scales = [self.spec.alpha / A.shape[0] for A in As]  # the scale each client trained with
             Bs = [B[:, :r] for B, r in zip(Bs, keep)]  # a client that pruned this round drops its tail now
             As = [A[:r] for A, r in zip(As, keep)]
-            weights = (sparsity_weights_scaled(Bs, As, scales) if self.cfg.hetlora.weighting == "sparsity"
+            weights = (sparsity_weights_scaled(Bs, As, scales) if self.section("hetlora").weighting == "sparsity"
                        else data_w)
-            previous = None if self.cfg.hetlora.uncovered == "zero" else self._prescaled(state, module)
+            previous = None if self.section("hetlora").uncovered == "zero" else self._prescaled(state, module)
             modules[name] = aggregate_module(Bs, As, weights, scales, module.rank, previous)
         head = {**state.adapter.head, **average_head(state, updates, data_w)}
         return ServerState(Adapter(modules, head), {**state.extra, "aggregated": True, "pruned_ranks": pruned})

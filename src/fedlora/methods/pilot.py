@@ -214,6 +214,7 @@ class LayerAssignment(Method):
 
     averages_tensors = False
     needs_memory_model = True
+    config_sections = ("pilot", "memory")
     minimal_overrides = ("memory.budgets=[0.5, 0.75, 1.0]", 'memory.unit="fraction"', "memory.calibrate=false")
     scores_layers_by_gradient = True
     use_momentum = False
@@ -252,7 +253,7 @@ class LayerAssignment(Method):
 
     def _budget(self, cid: int) -> float:
         budgets = self.spec.budgets
-        return min(budgets.values()) if self.cfg.memory.smallest_for_all else budgets[cid]
+        return min(budgets.values()) if self.section("memory").smallest_for_all else budgets[cid]
 
     def choose(self, round_idx: int, state: ServerState, cid: int) -> tuple[list[int] | None, dict]:
         """(layers, plan config): layers None = the client chooses (Fed-piLot)."""
@@ -276,7 +277,7 @@ class LayerAssignment(Method):
         num_layers = len(self.spec.layer_groups)
         layer_of = {k: (num_layers if role_of(k) == ROLE_HEAD else block_index(module_of(k))) for k in flat}
         momentum = {k[len("momentum/"):]: v for k, v in state.extra.items() if k.startswith("momentum/")}
-        p = self.cfg.pilot
+        p = self.section("pilot")
         settings = STAggSettings(server_lr=p.server_lr if self.use_momentum else 1.0,
                                  kappa=p.momentum_share if self.use_momentum else 0.0,
                                  gamma=p.momentum_decay, w_max=p.dwa_max,
@@ -317,7 +318,7 @@ class FedPilot(LayerAssignment):
         own knapsack over the combined scores; the plan then trains the chosen layers' modules."""
         scores = ig_gradient_norms(model=ctx.model, slots=ctx.slots, initial=ctx.start(), plan=plan,
                                    examples=ctx.examples, loss_fn=ctx.loss_fn, groups=self.spec.layer_groups,
-                                   num_examples=self.cfg.pilot.ig_examples, batch_size=ctx.train.batch_size,
+                                   num_examples=self.section("pilot").ig_examples, batch_size=ctx.train.batch_size,
                                    round_idx=ctx.round_idx, seed=ctx.seed)
         layers, report = self.select(plan, scores)
         report["ig_gradient_norms"] = scores
@@ -326,7 +327,7 @@ class FedPilot(LayerAssignment):
         return plan, {**report, **more}
 
     def choose(self, round_idx, state, cid):
-        p = self.cfg.pilot
+        p = self.section("pilot")
         return None, {"select": "pilot", "global_scores": state.extra.get("global_scores"),
                       "score_mix": p.score_mix, "ig_examples": p.ig_examples}
 
@@ -337,6 +338,6 @@ class FedPilot(LayerAssignment):
         alone = [mm.predict([j]) for j in range(mm.num_layers)]
         affordable = affordable_scores(local_scores, alone, budget)
         combined = combined_scores(plan.config.get("global_scores"), affordable, plan.config["score_mix"])
-        layers = fit_layers(self.spec, budget, values=combined, position_aware=self.cfg.memory.position_aware,
-                            unit_mb=self.cfg.memory.knapsack_unit_mb)
+        layers = fit_layers(self.spec, budget, values=combined, position_aware=self.section("memory").position_aware,
+                            unit_mb=self.section("memory").knapsack_unit_mb)
         return layers, {"affordable_scores": affordable, "combined_scores": combined}
