@@ -24,31 +24,25 @@ def _check_choices(obj: Any, prefix: str) -> None:
             _need(v in choices, f"{prefix}{f.name}", v, "one of " + ", ".join(repr(c) for c in choices))
 
 
-def validate(cfg) -> None:
-    """Raise :class:`ConfigError` for the first invalid value (key, value, what is valid)."""
-    from fedlora.registry import method_names
-
-    methods = method_names()
-    _need(cfg.method in methods, "method", cfg.method, "one of " + ", ".join(methods))
-    _need(cfg.rounds >= 1, "rounds", cfg.rounds, "a positive integer")
-    _need(cfg.seed >= 0, "seed", cfg.seed, "a non-negative integer")
-    for name in ("model", "lora", "data", "clients", "train", "dp", "robust", "server", "eval", "flexlora", "hetlora", "flora",
-                 "memory", "pilot"):
-        _check_choices(getattr(cfg, name), f"{name}.")
-
-    m = cfg.model
+def _check_model(m) -> None:
+    """model.*"""
     _need(bool(m.name.strip()), "model.name", m.name, "a bundled alias, a model id or a local path")
     _need(8 <= m.max_length <= 8192, "model.max_length", m.max_length, "an integer in [8, 8192]")
     _need(m.threads >= 0, "model.threads", m.threads, "a non-negative integer")
 
-    lo = cfg.lora
+
+def _check_lora(lo) -> None:
+    """lora.*"""
     _need(lo.rank >= 1, "lora.rank", lo.rank, "a positive integer")
     _need(lo.alpha > 0 and math.isfinite(lo.alpha), "lora.alpha", lo.alpha, "a positive finite number")
     _need(0.0 <= lo.dropout < 1.0, "lora.dropout", lo.dropout, "in [0, 1)")
     _need(len(lo.target_modules) > 0 and all(isinstance(t, str) and t for t in lo.target_modules),
           "lora.target_modules", lo.target_modules, "a non-empty list of module names")
+    _check_ranks(lo)
 
-    d = cfg.data
+
+def _check_data(d) -> None:
+    """data.*"""
     for key in ("train", "validation"):
         _check_source(f"data.{key}", getattr(d, key))
     _need(bool(d.text_column), "data.text_column", d.text_column, "a column name")
@@ -66,17 +60,14 @@ def validate(cfg) -> None:
         if d.instructions:
             _check_source("data.instructions", d.instructions)
 
-    _check_ranks(lo)
 
-    c = cfg.clients
+def _check_clients(c) -> None:
+    """clients.*"""
     _need(c.num >= 1 or (c.num == 0 and c.partition == "by_task"), "clients.num", c.num,
           "a positive integer (0 = every task is allowed only with clients.partition = 'by_task')")
     _need(c.heldout_tasks >= 0, "clients.heldout_tasks", c.heldout_tasks, "a non-negative integer")
     _need(c.heldout_tasks == 0 or c.partition == "by_task", "clients.heldout_tasks", c.heldout_tasks,
           "0 unless clients.partition = 'by_task'")
-    if lo.rank_distribution == "explicit" and c.num:
-        _need(len(lo.client_ranks) == c.num, "lora.client_ranks", lo.client_ranks,
-              f"a list of {c.num} entries (one per client, clients.num = {c.num})")
     _need(0.0 < c.fraction <= 1.0, "clients.fraction", c.fraction, "in (0, 1]")
     _need(c.dirichlet_alpha > 0, "clients.dirichlet_alpha", c.dirichlet_alpha, "a positive number")
     _need(0.0 <= c.val_fraction < 1.0, "clients.val_fraction", c.val_fraction, "in [0, 1)")
@@ -93,7 +84,9 @@ def validate(cfg) -> None:
         _need(len({len(r) for r in c.proportions}) == 1, "clients.proportions", c.proportions,
               "rows of equal length (one entry per class)")
 
-    t = cfg.train
+
+def _check_train(t) -> None:
+    """train.*"""
     _need(t.lr > 0 and math.isfinite(t.lr), "train.lr", t.lr, "a positive finite number")
     _need(t.head_lr >= 0 and math.isfinite(t.head_lr), "train.head_lr", t.head_lr,
           "a non-negative finite number (0 = train.lr)")
@@ -108,7 +101,9 @@ def validate(cfg) -> None:
     _need(t.local_epochs >= 0, "train.local_epochs", t.local_epochs, "non-negative")
     _need(t.eval_batch_size >= 1, "train.eval_batch_size", t.eval_batch_size, "a positive integer")
 
-    p = cfg.dp
+
+def _check_dp(p) -> None:
+    """dp.*"""
     if p.enabled:
         _need(p.clip > 0 and math.isfinite(p.clip), "dp.clip", p.clip, "a positive finite number")
         _need(0 < p.delta < 1, "dp.delta", p.delta, "in (0, 1)")
@@ -117,21 +112,35 @@ def validate(cfg) -> None:
         _need(p.noise_multiplier > 0 or (p.epsilon > 0 and math.isfinite(p.epsilon)), "dp.epsilon", p.epsilon,
               "a positive finite target when dp.noise_multiplier = 0 (set one of them)")
 
-    r = cfg.robust
+
+def _check_robust(r) -> None:
+    """robust.*"""
     _need(0 <= r.trim_fraction < 0.5, "robust.trim_fraction", r.trim_fraction, "in [0, 0.5)")
     _need(r.norm_bound >= 0 and math.isfinite(r.norm_bound), "robust.norm_bound", r.norm_bound,
           "a non-negative finite number (0 = off)")
     _need(r.max_update_mb >= 0, "robust.max_update_mb", r.max_update_mb, "non-negative (0 = automatic)")
-    sv = cfg.server
+
+
+def _check_server(sv) -> None:
+    """server.*"""
     _need(sv.lr >= 0 and math.isfinite(sv.lr), "server.lr", sv.lr, "a non-negative finite number (0 = the usual step)")
     _need(0 <= sv.momentum < 1, "server.momentum", sv.momentum, "in [0, 1)")
     _need(0 <= sv.beta1 < 1, "server.beta1", sv.beta1, "in [0, 1)")
     _need(0 <= sv.beta2 < 1, "server.beta2", sv.beta2, "in [0, 1)")
     _need(sv.eps > 0 and math.isfinite(sv.eps), "server.eps", sv.eps, "a positive finite number")
-    _need(cfg.eval.every >= 1, "eval.every", cfg.eval.every, "a positive integer")
-    _need(1 <= cfg.eval.max_new_tokens <= 2048, "eval.max_new_tokens", cfg.eval.max_new_tokens, "in [1, 2048]")
-    _need(cfg.eval.generate_every >= 0, "eval.generate_every", cfg.eval.generate_every, "a non-negative integer")
-    mem = cfg.memory
+
+
+def _check_eval(ev) -> None:
+    """eval.*"""
+    _need(ev.every >= 1, "eval.every", ev.every, "a positive integer")
+    _need(1 <= ev.max_new_tokens <= 2048, "eval.max_new_tokens", ev.max_new_tokens, "in [1, 2048]")
+    _need(ev.generate_every >= 0, "eval.generate_every", ev.generate_every, "a non-negative integer")
+    _need(ev.max_client_examples >= 0, "eval.max_client_examples", ev.max_client_examples,
+          "a non-negative integer")
+
+
+def _check_memory(mem) -> None:
+    """memory.*"""
     for i, b in enumerate(mem.budgets):
         _need(isinstance(b, (int, float)) and not isinstance(b, bool) and b >= 0 and math.isfinite(b),
               f"memory.budgets[{i}]", b, "a non-negative number")
@@ -139,21 +148,55 @@ def validate(cfg) -> None:
         _need(all(b <= 1.0 for b in mem.budgets), "memory.budgets", mem.budgets, "fractions in [0, 1] (memory.unit = "
               "'fraction')")
     _need(mem.knapsack_unit_mb > 0, "memory.knapsack_unit_mb", mem.knapsack_unit_mb, "a positive number")
-    pl = cfg.pilot
+
+
+def _check_pilot(pl) -> None:
+    """pilot.*"""
     _need(pl.ig_examples >= 1, "pilot.ig_examples", pl.ig_examples, "a positive integer")
     for key in ("score_mix", "score_decay", "momentum_share", "momentum_decay"):
         v = getattr(pl, key)
         _need(0 <= v <= 1, f"pilot.{key}", v, "in [0, 1]")
     _need(pl.dwa_max >= 1, "pilot.dwa_max", pl.dwa_max, "at least 1")
     _need(pl.server_lr > 0, "pilot.server_lr", pl.server_lr, "positive")
-    h = cfg.hetlora
+
+
+def _check_hetlora(h) -> None:
+    """hetlora.*"""
     _need(h.penalty >= 0 and math.isfinite(h.penalty), "hetlora.penalty", h.penalty, "a non-negative number")
     _need(0 < h.gamma < 1, "hetlora.gamma", h.gamma, "in (0, 1)")
-    fl = cfg.flora
+
+
+def _check_flora(fl) -> None:
+    """flora.*"""
     _need(fl.alpha_per_rank >= 0 and math.isfinite(fl.alpha_per_rank), "flora.alpha_per_rank", fl.alpha_per_rank,
           "a non-negative finite number (0 = use lora.alpha)")
-    _need(cfg.eval.max_client_examples >= 0, "eval.max_client_examples", cfg.eval.max_client_examples,
-          "a non-negative integer")
+
+
+SECTION_CHECKS = {"model": _check_model, "lora": _check_lora, "data": _check_data, "clients": _check_clients,
+                  "train": _check_train, "dp": _check_dp, "robust": _check_robust, "server": _check_server,
+                  "eval": _check_eval, "flexlora": None, "hetlora": _check_hetlora, "flora": _check_flora,
+                  "memory": _check_memory, "pilot": _check_pilot}
+"""Each section's own checks (its choices are checked for every section from the field metadata)."""
+
+
+def validate(cfg) -> None:
+    """Raise :class:`ConfigError` for the first invalid value (key, value, what is valid): the top-level keys, then
+    each section by itself (:data:`SECTION_CHECKS`), then the checks that involve two sections."""
+    from fedlora.registry import method_names
+
+    methods = method_names()
+    _need(cfg.method in methods, "method", cfg.method, "one of " + ", ".join(methods))
+    _need(cfg.rounds >= 1, "rounds", cfg.rounds, "a positive integer")
+    _need(cfg.seed >= 0, "seed", cfg.seed, "a non-negative integer")
+    for name in SECTION_CHECKS:
+        _check_choices(getattr(cfg, name), f"{name}.")
+    for name, check in SECTION_CHECKS.items():
+        if check is not None:
+            check(getattr(cfg, name))
+    lo, c = cfg.lora, cfg.clients
+    if lo.rank_distribution == "explicit" and c.num:
+        _need(len(lo.client_ranks) == c.num, "lora.client_ranks", lo.client_ranks,
+              f"a list of {c.num} entries (one per client, clients.num = {c.num})")
 
 
 def _rank_entry_ok(entry: Any) -> bool:
