@@ -119,12 +119,16 @@ def _attach_memory_model(spec: FederationSpec, model, prepared: Prepared, task_t
         log("calibrating the memory model: profiling two training steps in child processes")
         profile = dict(model=cfg.model.name, cache_dir=cfg.model.cache_dir,
                        task=cfg.data.task,
-                       num_labels=getattr(prepared.task, "num_labels", 2), rank=cfg.lora.rank, alpha=cfg.lora.alpha,
+                       num_labels=getattr(prepared.task, "num_labels", 2),
+                       rank=max(ranks.values()),  # the ranks the clients train at (spec), not lora.rank
+                       alpha=cfg.lora.alpha,
                        targets=list(cfg.lora.target_modules), batch=cfg.train.batch_size, seq=cfg.model.max_length,
                        threads=1)
 
-        def measure(layers):
+        def profiled(layers):
             return profile_step({**profile, "layers": list(layers)})["measured"]
+
+        measure = profiled
     spec.memory = build_memory_model(params, prior, calibrate_with=measure)
     full = spec.memory.predict(range(len(spec.layer_groups)))
     scale = full if cfg.memory.unit == "fraction" else 1e6
