@@ -104,6 +104,12 @@ class FederationSpec:
                 module.alpha = self.alpha_of(module.rank)
         return adapter
 
+    def ranks_of(self, plan: ClientPlan) -> dict[str, int]:
+        """The per-module ranks a client trains at in one round: the plan's own (a method that changes a client's
+        ranks between rounds, as HetLoRA's pruning does) or else the client's configured ranks.  The one place a
+        client's ranks are looked up: the engines, the methods and the robust wrapper all ask here."""
+        return plan.ranks or self.client_ranks[plan.client_id]
+
     def global_ranks(self) -> dict[str, int]:
         """Per module, the largest rank any client uses."""
         return {n: max(r[n] for r in self.client_ranks.values()) for n in self.shapes}

@@ -187,3 +187,22 @@ def test_norm_bounding_limits_every_client_update(tmp_path, tiny_config):
     # the aggregate moved by at most the bound (a mean of vectors of norm ≤ 0.01)
     moved = sum(float((v ** 2).sum()) for k, v in res.adapter.to_flat(("lora_B",)).items()) ** 0.5
     assert moved <= 0.01 + 1e-6
+
+
+def test_the_robust_rule_wraps_the_method_in_a_run(tmp_path, tiny_config):
+    """Two clients of unequal size: the median of two is their unweighted mean, as is a trimmed mean that trims
+    nothing; the default, data-weighted mean differs.  So the engine's method really merges by the robust rule."""
+    def run(name, *robust):
+        cfg = tiny_config("method=ffa", "rounds=1", "clients.num=2", "clients.partition=dirichlet",
+                          "clients.dirichlet_alpha=0.3", *robust)
+        res = run_experiment(cfg, out_dir=tmp_path / name, progress=False, log=lambda *_: None)
+        sizes = json.loads((res.run_dir / "summary.json").read_text())["client_train_examples"]
+        return res.adapter.to_flat(("lora_B",)), sizes
+
+    mean, sizes = run("mean")
+    assert sizes[0] != sizes[1]
+    median, _ = run("median", "robust.aggregation=median")
+    trimmed, _ = run("trimmed", "robust.aggregation=trimmed_mean", "robust.trim_fraction=0")
+    for k in mean:
+        torch.testing.assert_close(median[k], trimmed[k], rtol=1e-6, atol=1e-9)
+    assert any(not torch.allclose(mean[k], median[k], rtol=1e-4, atol=1e-7) for k in mean)

@@ -12,7 +12,6 @@ from fedlora.engine.runtime import Engine
 from fedlora.errors import UpdateError
 from fedlora.layers import modules_of
 from fedlora.methods.base import ClientContext, ClientPlan, Method, Update
-from fedlora.robust import bound_norm
 
 
 @dataclass
@@ -35,7 +34,7 @@ def client_work(eng: Engine, plan: ClientPlan, t: int, method: Method) -> tuple[
     when the client has a privacy plan), and encode the upload.  Returns the upload's bytes and the update without
     tensors."""
     cfg, task = eng.prepared.cfg, eng.prepared.task
-    ranks = plan.ranks or eng.spec.client_ranks[plan.client_id]
+    ranks = eng.spec.ranks_of(plan)
     slots = eng.pool.slots(ranks)
     seed = plan.config.get("init_seed")
     examples = eng.client_train[plan.client_id]
@@ -62,24 +61,25 @@ def client_work(eng: Engine, plan: ClientPlan, t: int, method: Method) -> tuple[
 
 
 def receive_upload(eng: Engine, plan, blob: bytes, update: Update, out: RoundUpdates, accountant,
-                   method=None, stream=None) -> None:
+                   method: Method, stream=None) -> None:
     """The server's side of one client's round: account its DP-SGD steps, check the upload (a bad one is dropped
-    with its reason), bound its norm if configured, and fold it into the method's accumulator or keep it."""
+    with its reason), let the method admit it (:meth:`~Method.admit`: the robust wrapper bounds its norm), and fold
+    it into the method's accumulator or keep it."""
     cfg = eng.prepared.cfg
     out.up_bytes += len(blob)
     privacy = plan.privacy
     if privacy is not None and update.metrics.get("steps"):
         accountant.step(plan.client_id, privacy.noise_multiplier, privacy.sample_rate, int(update.metrics["steps"]))
-    ranks = plan.ranks or eng.spec.client_ranks[plan.client_id]
+    ranks = eng.spec.ranks_of(plan)
     if update.report.get("layers") is not None and plan.modules is None:  # the client chose its layers
         plan = dataclasses.replace(plan, modules=modules_of(update.report["layers"], eng.spec.layer_groups))
     received, reason = _receive(blob, plan, eng.template_for(ranks), cfg)
     if reason is not None:
         out.dropped[plan.client_id] = reason
         return
-    if cfg.robust.norm_bound > 0:
-        start = eng.initial_for(ranks, plan.config.get("init_seed")).with_tensors(plan.download)
-        received, out.norms[plan.client_id] = bound_norm(received, plan.uploaded(start), cfg.robust.norm_bound)
+    received, norm = method.admit(plan, received)  # the robust wrapper bounds the update's norm
+    if norm is not None:
+        out.norms[plan.client_id] = norm
     if stream is not None:
         method.accumulate(stream, Update(update.client_id, update.num_examples, received, update.metrics))
         received = {}

@@ -20,8 +20,7 @@ def _engine(config_text: str, data_dir: str | None):
     key = (config_text, data_dir)
     if key not in _ENGINES:
         from fedlora.engine.prepare import prepare
-        from fedlora.engine.runtime import build_engine
-        from fedlora.methods import get_method
+        from fedlora.engine.runtime import build_engine, build_method
 
         cfg = from_toml(config_text, where="the server's config")
         # layer-subset methods: the server's calibrated memory model comes with each plan; no profiling here
@@ -34,7 +33,7 @@ def _engine(config_text: str, data_dir: str | None):
             cfg = _rebase_data(cfg, Path(data_dir))
         _ENGINES.clear()
         eng = build_engine(prepare(cfg, plan_dp=False), log=lambda *_: None)  # σ comes in the plans
-        _ENGINES[key] = (eng, get_method(cfg.method)(cfg, eng.spec))
+        _ENGINES[key] = (eng, build_method(cfg, eng.spec))
     return _ENGINES[key]
 
 

@@ -27,9 +27,8 @@ from fedlora.engine.evaluate import evaluate_global
 from fedlora.engine.prepare import partition_digest, prepare, sample_clients
 from fedlora.engine.rundir import (check_resume_config, default_run_dir, export_adapter, fault_point, open_run_dir,
                                    write_clients_file)
-from fedlora.engine.runtime import build_engine
+from fedlora.engine.runtime import build_engine, build_method
 from fedlora.memory import release_freed_memory, return_large_frees_promptly
-from fedlora.methods import get_method
 from fedlora.methods.base import ServerState
 from fedlora.privacy import ClientAccountant
 from fedlora.ranks import describe_config
@@ -92,7 +91,7 @@ def _run(cfg: ExperimentConfig, out_dir, progress: bool, log, resume: bool, coll
             counts[describe_config(c)] = counts.get(describe_config(c), 0) + 1
         log("client ranks: " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
     write_clients_file(run_dir, prepared, eng.spec)
-    method = get_method(cfg.method)(cfg, eng.spec)
+    method = build_method(cfg, eng.spec)
     state = method.init_state(eng.spec.initial(ranks=eng.default_ranks))
     accountant = ClientAccountant()
     metrics = MetricsLog(run_dir)

@@ -14,6 +14,7 @@ from fedlora.errors import ConfigError
 from fedlora.methods import available_methods, get_method
 from fedlora.privacy import ClientPrivacy, plan_privacy
 from fedlora.ranks import RankConfig, client_rank_configs, smallest_config
+from fedlora.robust import is_plain as robust_is_plain
 from fedlora.tasks import make_task
 
 
@@ -95,12 +96,11 @@ def _server_optimizer_methods() -> list[str]:
 
 
 def _check_method_options(cfg: ExperimentConfig, method_cls) -> None:
-    if not method_cls.averages_tensors:
+    if not method_cls.averages_tensors and not robust_is_plain(cfg.robust):  # the wrapper needs an average
         r = cfg.robust
-        if r.aggregation != "mean" or r.norm_bound > 0:
-            raise ConfigError(f"method {cfg.method!r} does not average tensors, so robust.aggregation = "
-                              f"{r.aggregation!r} / robust.norm_bound = {r.norm_bound} cannot apply; robust rules work "
-                              f"with: {', '.join(n for n in available_methods() if get_method(n).averages_tensors)}")
+        raise ConfigError(f"method {cfg.method!r} does not average tensors, so robust.aggregation = "
+                          f"{r.aggregation!r} / robust.norm_bound = {r.norm_bound} cannot apply; robust rules work "
+                          f"with: {', '.join(n for n in available_methods() if get_method(n).averages_tensors)}")
     if not method_cls.accepts_server_optimizer and (cfg.server.optimizer != "fedavg" or cfg.server.lr not in (0, 1)):
         own = f" ({method_cls.own_server_step})" if method_cls.own_server_step else ""
         raise ConfigError(f"method {cfg.method!r} does not aggregate by averaging uploaded tensors{own}, so "

@@ -13,6 +13,7 @@ from fedlora.methods.base import FederationSpec
 from fedlora.models import (AdapterPool, BaseWeights, WeightFile, check_ranks, inject_lora, resolve_model_path,
                             target_shapes)
 from fedlora.ranks import describe_config, module_ranks
+from fedlora.robust import with_robust
 
 
 def adapter_fits(adapter: Adapter, ranks: dict[str, int]) -> bool:
@@ -68,6 +69,12 @@ class Engine:
                 {n: LoraModule(m.A.to("meta"), m.B.to("meta"), m.alpha) for n, m in init.modules.items()},
                 {k: v.to("meta") for k, v in init.head.items()})
         return self._templates[key]
+
+
+def build_method(cfg, spec: FederationSpec):
+    """The run's method, as every engine builds it: the registered method with its config sections and the
+    federation spec, inside the robust wrapper when ``robust.*`` asks for one (:func:`fedlora.robust.with_robust`)."""
+    return with_robust(get_method(cfg.method)(cfg, spec), cfg.robust)
 
 
 def build_engine(prepared: Prepared, log=print) -> Engine:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 from torch import Tensor
 
@@ -36,17 +36,17 @@ def weighted_average(tensors: list[Tensor], weights: list[float]) -> Tensor:
     return combine(tensors, weights, "mean")
 
 
-def average_uploaded(state: ServerState, updates: list[Update], robust: Any = None, server: Any = None) -> ServerState:
-    """FedAvg of every uploaded tensor with data-size weights (or the robust rule of ``cfg.robust``); tensors nobody
-    uploads keep their global value.  With a ``server`` section other than plain FedAvg, the average is not adopted
-    outright: the server optimiser steps along ``average − global`` (:mod:`fedlora.server_optimizer`)."""
+def average_uploaded(state: ServerState, updates: list[Update], server: Any = None,
+                     merge_tensor: Callable[[list[Tensor], list[float]], Tensor] = weighted_average) -> ServerState:
+    """FedAvg of every uploaded tensor with data-size weights (``merge_tensor`` merges one tensor across clients:
+    the weighted mean, or a robust rule set by :class:`fedlora.robust.RobustAggregation`); tensors nobody uploads
+    keep their global value.  With a ``server`` section other than plain FedAvg, the average is not adopted outright:
+    the server optimiser steps along ``average − global`` (:mod:`fedlora.server_optimizer`)."""
     if not updates:
         return state
     weights = data_weights(updates)
-    rule = getattr(robust, "aggregation", "mean")
-    trim = getattr(robust, "trim_fraction", 0.1)
     keys = updates[0].tensors.keys()
-    merged = {k: combine([u.tensors[k] for u in updates], weights, rule, trim) for k in keys}
+    merged = {k: merge_tensor([u.tensors[k] for u in updates], weights) for k in keys}
     extra = dict(state.extra)
     opt = ServerOptimizer.from_config(server)
     if not opt.is_identity:
@@ -72,12 +72,12 @@ def client_factors(updates: list[Update], module: str) -> tuple[list[Tensor], li
 class MethodConfig:
     """What a method reads of a run's configuration: its own typed sections (those it names in
     ``Method.config_sections``) and the aggregation settings every averaging method shares — whether the task head is
-    aggregated (``lora.head``), the robust rule (``robust``) and the server optimiser (``server``).  The rest of the
-    experiment config (data, model, training, DP, …) is the engine's."""
+    aggregated (``lora.head``) and the server optimiser (``server``).  The rest of the experiment config (data, model,
+    training, DP, …) is the engine's; robust rules (``robust``) are not a method's either: they wrap it
+    (:func:`fedlora.robust.with_robust`)."""
 
     sections: dict[str, Any] = field(default_factory=dict)
     head: str = "aggregate"
-    robust: Any = None
     server: Any = None
 
 
@@ -90,7 +90,8 @@ class Method(ABC):
     heterogeneous_ranks: ClassVar[bool] = False
     """False: every client must use the same ranks; the engine gives all the smallest configuration in use."""
     averages_tensors: ClassVar[bool] = True
-    """True when aggregation is a per-tensor average, so ``robust.*`` rules and norm bounds apply."""
+    """True when aggregation is a per-tensor average (:meth:`average`), so the robust wrapper
+    (:class:`fedlora.robust.RobustAggregation`: ``robust.*`` rules and norm bounds) can go around it."""
     accepts_server_optimizer: ClassVar[bool] = False
     """True when the aggregate is :func:`average_uploaded` (an average of uploaded tensors), so ``server.optimizer``
     can step along it; methods with their own server rule refuse ``server.*`` (see the engine's option check)."""
@@ -124,8 +125,7 @@ class Method(ABC):
     def method_config(cls, cfg: Any) -> MethodConfig:
         """The part of an experiment config this method receives."""
         return MethodConfig({name: getattr(cfg, name) for name in cls.config_sections},
-                            getattr(getattr(cfg, "lora", None), "head", "aggregate"),
-                            getattr(cfg, "robust", None), getattr(cfg, "server", None))
+                            getattr(getattr(cfg, "lora", None), "head", "aggregate"), getattr(cfg, "server", None))
 
     def section(self, name: str) -> Any:
         """One of this method's own config sections."""
@@ -181,9 +181,18 @@ class Method(ABC):
     def aggregate(self, round_idx: int, state: ServerState, updates: list[Update]) -> ServerState:
         """Combine the round's updates into the next global state."""
 
+    merge_tensor: Callable[[list[Tensor], list[float]], Tensor] = staticmethod(weighted_average)
+    """How :meth:`average` merges one tensor across clients: the data-weighted mean, unless a robust wrapper
+    replaced it."""
+
     def average(self, state: ServerState, updates: list[Update]) -> ServerState:
-        """:func:`average_uploaded` with this run's ``robust`` rule and ``server`` optimiser."""
-        return average_uploaded(state, updates, self.config.robust, self.config.server)
+        """:func:`average_uploaded` with this method's tensor merge and the run's ``server`` optimiser."""
+        return average_uploaded(state, updates, self.config.server, self.merge_tensor)
+
+    def admit(self, plan: ClientPlan, tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], float | None]:
+        """On the server, each accepted upload before it is kept: the tensors kept and the update norm measured
+        (None = not measured).  Plain methods keep the upload as it is; the robust wrapper bounds its norm."""
+        return tensors, None
 
     def global_adapter(self, state: ServerState) -> Adapter:
         """The adapter that is evaluated and exported (PEFT format)."""
