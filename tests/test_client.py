@@ -340,3 +340,19 @@ def test_head_lr_scales_the_head_step_only(dp):
         else:
             torch.testing.assert_close(ups[1][k] - plan.download[k], 3 * (v - plan.download[k]), rtol=1e-8,
                                        atol=1e-12)
+
+
+def test_fedprox_adds_mu_times_the_distance_from_the_start_to_every_step():
+    """Full-batch SGD, FFA (B starts at 0): step 1 has no proximal pull (θ = θ_start), step 2 adds μ(B₁ − 0), so
+    B₂(μ) = B₂(0) − η·μ·B₁ exactly."""
+    eta, mu, key = 0.05, 3.0, "0.lora_B.weight"
+    data = _data(n=8)
+
+    def run(steps, prox_mu):
+        model, slots, init = tiny_linear_lora(D_IN, D_OUT, R, alpha=8.0)
+        return _run(model, slots, init, data, train_cfg(lr=eta, batch_size=8, local_steps=steps,
+                                                        prox_mu=prox_mu)).tensors[key]
+
+    b1 = run(1, 0.0)
+    torch.testing.assert_close(run(1, mu), b1, rtol=0, atol=0)
+    torch.testing.assert_close(run(2, mu), run(2, 0.0) - eta * mu * b1, rtol=1e-10, atol=1e-13)

@@ -126,6 +126,7 @@ def _cmd_info(args) -> int:
 
     averaging = [n for n in available_methods() if get_method(n).accepts_server_optimizer]
     print(f"server optimisers (server.optimizer): {', '.join(OPTIMIZERS)} — for {', '.join(averaging)}")
+    print("local objective: FedProx (train.prox_mu = mu; Li et al., MLSys 2020) — for every method, also under DP")
     if args.config_keys:
         print("config keys:")
         for key, default, help_ in describe():

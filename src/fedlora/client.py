@@ -85,7 +85,8 @@ def train_client(*, model: nn.Module, slots: LoraSlots, initial: Adapter | None,
     """Run one client's local work and return what it uploads (``plan.upload`` roles only).
 
     ``hooks`` are the method's (:meth:`fedlora.methods.base.Method.local_hooks`): a loss term added once per step
-    and metrics reported with the upload.  The client starts from ``initial`` with ``plan.download``'s tensors in place of its own, loaded into the slots;
+    and metrics reported with the upload.  ``train_cfg.prox_mu = μ > 0`` adds FedProx's proximal gradient
+    ``μ(θ − θ_start)`` over the trained tensors to every step (after clipping and noise under DP-SGD).  The client starts from ``initial`` with ``plan.download``'s tensors in place of its own, loaded into the slots;
     ``initial=None`` means the caller has loaded the slots already (the simulation engine does, so that neither the
     initial adapter nor the download is held while the client trains)."""
     if initial is not None:
@@ -112,6 +113,9 @@ def train_client(*, model: nn.Module, slots: LoraSlots, initial: Adapter | None,
     model.train()
     losses: list[float] = []
     hooks = hooks or LocalHooks()
+    mu = getattr(train_cfg, "prox_mu", 0.0)
+    anchor = [p.detach().clone() for p in params] if mu > 0 else None
+    prox = (lambda: [mu * (p.detach() - a) for p, a in zip(params, anchor)]) if mu > 0 else None  # FedProx
     try:
         with local_step(model, optimizer, privacy, expected_batch_size=train_cfg.batch_size, noise_seed=s + 1,
                         secure_rng=secure_rng, accountant=accountant, client_id=plan.client_id) as stepper:
@@ -133,7 +137,7 @@ def train_client(*, model: nn.Module, slots: LoraSlots, initial: Adapter | None,
                         loss = loss + extra / weight
                     (loss * weight).backward()
                     batch_loss += float(loss.detach()) * len(chunk)
-                stepper.step(params, len(idx))
+                stepper.step(params, len(idx), extra_grad=prox)
                 if len(idx):
                     losses.append(batch_loss / len(idx))
     finally:

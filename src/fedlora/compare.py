@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedlora.config import ExperimentConfig, load_config, to_toml
+from fedlora.config import ExperimentConfig, from_toml, load_config, to_toml
 from fedlora.errors import ConfigError
 from fedlora.report import read_metrics
 
@@ -130,7 +130,9 @@ def run_compare(cells: list[tuple[Cell, ExperimentConfig]], out: Path, progress:
     for i, (cell, cfg) in enumerate(cells, 1):
         d = out / "cells" / cell.name
         if (d / "summary.json").is_file():
-            if (d / "config.toml").read_text(encoding="utf-8") != to_toml(cfg):
+            # compared as settings, not text: a key added by a later fedlora version reads as its default
+            kept = from_toml((d / "config.toml").read_text(encoding="utf-8"), where=f"{d / 'config.toml'}")
+            if to_toml(kept) != to_toml(cfg):
                 raise ConfigError(f"cell {cell.name} in {out} finished with a different configuration than this "
                                   f"command gives it; use another --out (or the original options) so results of "
                                   f"different settings are not mixed")

@@ -100,6 +100,8 @@ def _check_train(t) -> None:
     _need(t.local_steps >= 1, "train.local_steps", t.local_steps, "a positive integer")
     _need(t.local_epochs >= 0, "train.local_epochs", t.local_epochs, "non-negative")
     _need(t.eval_batch_size >= 1, "train.eval_batch_size", t.eval_batch_size, "a positive integer")
+    _need(t.prox_mu >= 0 and math.isfinite(t.prox_mu), "train.prox_mu", t.prox_mu,
+          "a non-negative finite number (0 = no proximal term)")
 
 
 def _check_dp(p) -> None:

@@ -6,7 +6,8 @@ DP-SGD here (algorithms.md §1.2 step 3): the shared model is wrapped for this c
 ``GradSampleModule`` (exact per-example gradients of each micro-batch's mean loss) and the optimiser in
 ``DPOptimizer`` (clip each example's flat gradient to ``C``, add ``N(0, σ²C²)`` to the sum, divide by the expected
 batch size).  Several micro-batches form one logical Poisson batch: their per-example gradients are concatenated
-before the step.  An empty Poisson batch still takes a noise-only step.  Each step is accounted.
+before the step.  An empty Poisson batch still takes a noise-only step.  Each step is accounted.  A data-independent gradient term
+(FedProx's ``μ(θ − θ_start)``) is added after privatisation, so it is neither clipped nor noised.
 """
 from __future__ import annotations
 
@@ -29,7 +30,11 @@ class PlainStep:
         """The weight of a micro-batch's mean loss in the step's gradient."""
         return chunk_size / batch_size
 
-    def step(self, params: list[nn.Parameter], batch_size: int) -> None:
+    def step(self, params: list[nn.Parameter], batch_size: int, extra_grad=None) -> None:
+        """One optimiser step; ``extra_grad()`` (optional) gives a gradient per parameter that is added to the data
+        gradient just before the update (FedProx's proximal term)."""
+        if extra_grad is not None:
+            _add_grads(params, extra_grad())
         self.optimizer.step()
 
     def close(self) -> None:
@@ -58,7 +63,7 @@ class DPSGDStep(PlainStep):
         # each micro-batch's mean loss gives exact per-example gradients; Opacus averages over the expected batch
         return 1.0
 
-    def step(self, params: list[nn.Parameter], batch_size: int) -> None:
+    def step(self, params: list[nn.Parameter], batch_size: int, extra_grad=None) -> None:
         if batch_size == 0:  # an empty Poisson batch still takes a noise-only step
             self.empty_batches += 1
             for p in params:
@@ -67,12 +72,24 @@ class DPSGDStep(PlainStep):
             for p in params:
                 if isinstance(p.grad_sample, list):
                     p.grad_sample = torch.cat(p.grad_sample, dim=0)
-        self.optimizer.step()
+        if extra_grad is None:
+            self.optimizer.step()
+        elif self.optimizer.pre_step():  # clipped, noised and averaged: p.grad is the private gradient now
+            _add_grads(params, extra_grad())  # data-independent, so neither clipped nor noised (post-processing)
+            self.optimizer.original_optimizer.step()
         if self.accountant is not None:
             self.accountant.step(self.client_id, self.privacy.noise_multiplier, self.privacy.sample_rate)
 
     def close(self) -> None:
         self._gsm._close()
+
+
+def _add_grads(params: list[nn.Parameter], grads: list[torch.Tensor]) -> None:
+    for p, g in zip(params, grads, strict=True):
+        if p.grad is None:
+            p.grad = g.detach().clone()
+        else:
+            p.grad.add_(g.detach())
 
 
 @contextlib.contextmanager
