@@ -24,7 +24,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 from fedlora.config_checks import validate
-from fedlora.config_fields import FlexLoraConfig, FloraConfig, HetLoraConfig, PilotConfig, _f
+from fedlora.config_fields import FedSVDConfig, FlexLoraConfig, FloraConfig, HetLoraConfig, PilotConfig, _f
 from fedlora.errors import ConfigError
 
 
@@ -215,6 +215,7 @@ class ExperimentConfig:
     flexlora: FlexLoraConfig = field(default_factory=FlexLoraConfig)
     hetlora: HetLoraConfig = field(default_factory=HetLoraConfig)
     flora: FloraConfig = field(default_factory=FloraConfig)
+    fedsvd: FedSVDConfig = field(default_factory=FedSVDConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     pilot: PilotConfig = field(default_factory=PilotConfig)
 

@@ -174,10 +174,15 @@ def _check_flora(fl) -> None:
           "a non-negative finite number (0 = use lora.alpha)")
 
 
+def _check_fedsvd(f) -> None:
+    """fedsvd.*"""
+    _need(f.period >= 0, "fedsvd.period", f.period, "a non-negative integer (0 = never re-factorise)")
+
+
 SECTION_CHECKS = {"model": _check_model, "lora": _check_lora, "data": _check_data, "clients": _check_clients,
                   "train": _check_train, "dp": _check_dp, "robust": _check_robust, "server": _check_server,
                   "eval": _check_eval, "flexlora": None, "hetlora": _check_hetlora, "flora": _check_flora,
-                  "memory": _check_memory, "pilot": _check_pilot}
+                  "memory": _check_memory, "pilot": _check_pilot, "fedsvd": _check_fedsvd}
 """Each section's own checks (its choices are checked for every section from the field metadata)."""
 
 

@@ -58,3 +58,9 @@ class FloraConfig:
     alpha_per_rank: float = _f(2.0, "FLoRA's scaling convention: alpha_k = alpha_per_rank * r_k, so every client and "
                                "the stack share s = alpha_per_rank (FLoRA's code: 2); 0 = use lora.alpha for every "
                                "rank (s_k = lora.alpha / r_k).")
+
+
+@dataclass
+class FedSVDConfig:
+    period: int = _f(1, "Re-factorise B*A by SVD after every `period` rounds (the authors' code: 1, every round); "
+                     "0 = never (then FedSVD is FFA-LoRA with the server's A).")

@@ -19,6 +19,7 @@ BUILTIN_METHODS: dict[str, str] = {
     "fedit": "fedlora.methods.fedit", "ffa": "fedlora.methods.ffa", "flexlora": "fedlora.methods.flexlora",
     "hetlora": "fedlora.methods.hetlora", "flora": "fedlora.methods.flora", "pilot": "fedlora.methods.pilot",
     "fedra": "fedlora.methods.fedra", "randk": "fedlora.methods.fedra", "topk": "fedlora.methods.fedra",
+    "fedex": "fedlora.methods.fedex", "rolora": "fedlora.methods.rolora", "fedsvd": "fedlora.methods.fedsvd",
 }
 
 

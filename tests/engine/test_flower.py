@@ -18,6 +18,7 @@ from fedlora.config import load_config  # noqa: E402
 from fedlora.engine import flower  # noqa: E402
 from fedlora.engine.simulation import run_experiment  # noqa: E402
 from fedlora.errors import ConfigError  # noqa: E402
+from fedlora.methods import available_methods, get_method  # noqa: E402
 from fedlora.methods.base import ClientPlan, Update  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,11 +26,7 @@ TINY = str(ROOT / "examples/tiny.toml")
 BASE = ["rounds=2", "data.max_train_examples=120", "data.max_eval_examples=40", "train.local_steps=2",
         "train.batch_size=8", "model.threads=1"]
 PILOT = str(ROOT / "examples/pilot_tiny.toml")
-METHODS = {"fedit": (TINY, []), "ffa": (TINY, []),
-           "flexlora": (TINY, ['lora.rank_distribution="explicit"', "lora.client_ranks=[2, 4, 8]"]),
-           "hetlora": (TINY, ['lora.rank_distribution="explicit"', "lora.client_ranks=[2, 4, 8]"]),
-           "pilot": (PILOT, ["memory.calibrate=false"]),
-           "flora": (TINY, ['lora.rank_distribution="explicit"', "lora.client_ranks=[2, 4, 8]", "rounds=3"])}
+SPECIAL = {"pilot": (PILOT, ["memory.calibrate=false"]), "flora": (TINY, ["rounds=3"])}
 # pilot: layer subsets chosen on the client, with the server's memory model.  Its analytical model here: a calibrated
 # one is measured (peak memory of two profiled steps), so two runs may pick different layers and differ by design.
 
@@ -80,12 +77,14 @@ def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_simulation_runtime_gives_the_in_process_adapter(tmp_path, method):
-    """Equivalence (≤ 1e-6; bit-identical here at equal thread counts) of the final PEFT adapter, and the same
-    per-round loss, accuracy and traffic."""
-    config, extra = METHODS[method]
-    overrides = BASE + [f"method={method}"] + extra
+@pytest.mark.parametrize("method", available_methods())
+def test_simulation_runtime_gives_the_in_process_adapter(tmp_path, method, toy_model_dir):
+    """Table-driven over every registered method (with its ``minimal_overrides``, on the toy model except
+    Fed-piLot's memory-budget example): equivalence (≤ 1e-6; bit-identical here at equal thread counts) of the final
+    PEFT adapter, and the same per-round loss, accuracy and traffic."""
+    config, extra = SPECIAL.get(method, (TINY, []))
+    model = [] if method == "pilot" else [f"model.name={toy_model_dir}"]
+    overrides = BASE + [f"method={method}", *model, *get_method(method).minimal_overrides, *extra]
     threads = torch.get_num_threads()
     run_experiment(load_config(config, overrides), out_dir=tmp_path / "inproc", progress=False, log=lambda *_: None)
     assert torch.get_num_threads() == threads  # model.threads = 1 held for the run only
@@ -148,7 +147,7 @@ def _deploy(tmp_path, tls: bool, overrides: list[str], extra: dict | None = None
 def test_loopback_deployment_gives_the_in_process_adapter(tmp_path, method, tls):
     """A real SuperLink and three SuperNodes (flower-superlink / flower-supernode on 127.0.0.1, TLS with
     certificates made here), two rounds: the same final adapter as the in-process engine."""
-    overrides = BASE + [f"method={method}"] + METHODS[method][1]
+    overrides = BASE + [f"method={method}", *get_method(method).minimal_overrides, *SPECIAL.get(method, ("", []))[1]]
     run_experiment(load_config(TINY, overrides), out_dir=tmp_path / "inproc", progress=False, log=lambda *_: None)
     res, fed = _deploy(tmp_path, tls, overrides)
     assert res.returncode == 0, res.stdout[-3000:]

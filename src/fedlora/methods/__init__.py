@@ -1,5 +1,6 @@
 """Federated LoRA methods, one file each, registered by name (see :mod:`fedlora.methods.base`)."""
-from fedlora.methods import fedit, fedra, ffa, flexlora, flora, hetlora, pilot  # noqa: F401  (registration side effect)
+from fedlora.methods import (fedex, fedit, fedra, fedsvd, ffa, flexlora, flora, hetlora, pilot,  # noqa: F401
+                             rolora)  # (registration side effect)
 from fedlora.methods.base import (ClientPlan, Method, ServerState, Update, available_methods, get_method,
                                   method_summaries, register)
 

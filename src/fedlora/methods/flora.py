@@ -24,8 +24,8 @@ from torch import Tensor
 
 from fedlora.adapters import ROLE_A, ROLE_B, Adapter, LoraModule
 from fedlora.lowrank import dense_svd, stack_factors
-from fedlora.methods.base import (ClientPlan, Method, ServerState, Update, average_head, client_factors, data_weights,
-                                  register)
+from fedlora.methods.base import ClientPlan, ServerState, Update, average_head, client_factors, data_weights, register
+from fedlora.methods.merged_base import MergesIntoBase
 
 
 def round_init_seed(seed: int, round_idx: int, client_id: int) -> int:
@@ -43,7 +43,7 @@ def exact_factors(delta: Tensor, rtol: float = 1e-6) -> LoraModule:
 
 
 @register
-class FLoRA(Method):
+class FLoRA(MergesIntoBase):
     name = "flora"
     summary = ("FLoRA: the server stacks the clients' factors (exact for any ranks); clients merge the stack into "
                "their base and start a fresh LoRA each round.")
@@ -68,59 +68,23 @@ class FLoRA(Method):
     def configure(self, round_idx: int, state: ServerState, client_ids: list[int]) -> list[ClientPlan]:
         roles = frozenset({ROLE_A, ROLE_B}) | self.head_roles()
         head = state.adapter.to_flat(self.head_roles())
-        last = set(state.extra.get("participants", []))
-        names = list(state.adapter.modules)
-        plans = []
-        for cid in client_ids:
-            merge: dict[str, Tensor] = {}
-            if cid in last:  # in sync up to the previous round: only its stack
-                for name in names:
-                    merge[f"{name}.stack_B"] = state.extra[f"stack_B/{name}"]
-                    merge[f"{name}.stack_A"] = state.extra[f"stack_A/{name}"]
-            elif f"offset/{names[0]}" in state.extra:  # missed merges: the whole cumulative update
-                merge = {f"{name}.delta": state.extra[f"offset/{name}"] for name in names}
-            plans.append(ClientPlan(cid, dict(head), train=roles, upload=roles,
-                                    config={"init_seed": round_init_seed(self.spec.seed, round_idx, cid)},
-                                    ranks=self.spec.client_ranks[cid], merge=merge))
-        return plans
+        return [ClientPlan(cid, dict(head), train=roles, upload=roles,
+                           config={"init_seed": round_init_seed(self.spec.seed, round_idx, cid)},
+                           ranks=self.spec.client_ranks[cid], merge=self.merge_for(state, cid))
+                for cid in client_ids]
 
     def aggregate(self, round_idx: int, state: ServerState, updates: list[Update]) -> ServerState:
         if not updates:
             return state
         weights = data_weights(updates)
-        extra = {k: v for k, v in state.extra.items() if not k.startswith(("stack_A/", "stack_B/"))}
+        extra = self.without_stacks(state.extra)
         for name in state.adapter.modules:
             Bs, As = client_factors(updates, name)
             coeffs = [p * self.client_scale(A.shape[0]) for p, A in zip(weights, As)]
-            B_stack, A_stack = stack_factors(Bs, As, coeffs)
-            extra[f"stack_B/{name}"], extra[f"stack_A/{name}"] = B_stack, A_stack
-            product = B_stack @ A_stack
-            previous = extra.get(f"offset/{name}")
-            extra[f"offset/{name}"] = product if previous is None else previous + product
+            self.add_increment(extra, name, *stack_factors(Bs, As, coeffs))
         extra["participants"] = sorted(u.client_id for u in updates)
         head = {**state.adapter.head, **average_head(state, updates, weights)}
         return ServerState(Adapter({n: m for n, m in state.adapter.modules.items()}, head), extra)
-
-    def client_base(self, merge: dict[str, Tensor], previous: dict[str, Tensor] | None) -> dict[str, Tensor]:
-        """On a Flower node: this client's frozen base becomes ``W0 + offset``; returns the offset.  The plan carries
-        either the whole cumulative offset (``<module>.delta``) or, for a client that took part in the previous
-        round, only that round's stack (``<module>.stack_B`` / ``.stack_A``), added to the client's ``previous``
-        offset with the server's own operation (``previous + B_stack @ A_stack``), so the base is bit-identical to
-        the server's.  A client without its previous offset fails the round; the server then sends it the whole
-        offset.  No merge: the plain base (FLoRA's first round)."""
-        deltas = {k[:-len(".delta")]: v for k, v in merge.items() if k.endswith(".delta")}
-        stacks = sorted(k[:-len(".stack_B")] for k in merge if k.endswith(".stack_B"))
-        if stacks:
-            if previous is None:
-                raise ValueError("this client has lost its FLoRA base offset; it gets the whole offset the next "
-                                 "time it is sampled")
-            deltas = {n: (previous[n] + merge[n + ".stack_B"] @ merge[n + ".stack_A"]) if n in previous
-                      else merge[n + ".stack_B"] @ merge[n + ".stack_A"] for n in stacks}
-        return deltas
-
-    def base_delta(self, state: ServerState) -> dict[str, Tensor] | None:
-        offsets = {k[len("offset/"):]: v for k, v in state.extra.items() if k.startswith("offset/")}
-        return offsets or None
 
     def export_adapter(self, state: ServerState) -> Adapter:
         offsets = self.base_delta(state)
