@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -99,3 +102,14 @@ def toy_model_dir(tmp_path_factory):
     BertForSequenceClassification(cfg).save_pretrained(d)
     tok.save_pretrained(d)
     return d
+
+
+def fedlora_run(*args, fault=None):
+    """``fedlora run --quiet ARGS`` in a fresh process from the repository root, offline; ``fault="PHASE@ROUND"``
+    kills it there (``FEDLORA_FAULT``, engine/rundir.py)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("FEDLORA_FAULT", None)
+    if fault:
+        env["FEDLORA_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "fedlora", "run", "--quiet", *args], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], env=env, timeout=600)

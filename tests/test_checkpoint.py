@@ -1,8 +1,5 @@
 """Checkpoints: atomic, verified, exact resume after kill -9 at any phase of a round (issue: nothing lost)."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,8 +9,8 @@ from safetensors.torch import load_file
 from fedlora.adapters import initial_adapter
 from fedlora.checkpoint import CheckpointError, load_checkpoint, restore_rng, save_checkpoint
 from fedlora.methods.base import ServerState
+from tests.conftest import fedlora_run
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["--set", "rounds=3", "--set", "data.max_train_examples=60", "--set", "data.max_eval_examples=16",
         "--set", "clients.num=3", "--set", "clients.partition=iid", "--set", "train.local_steps=2",
         "--set", "train.batch_size=8", "--set", "model.max_length=24", "--set", "dp.enabled=true",
@@ -80,15 +77,6 @@ def test_corrupted_checkpoints_are_refused_and_left_alone(tmp_path, damage, matc
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before
 
 
-def _fedlora(*args, fault=None):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env.pop("FEDLORA_FAULT", None)
-    if fault:
-        env["FEDLORA_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "fedlora", "run", "--quiet", *args], capture_output=True, text=True,
-                          cwd=REPO, env=env, timeout=600)
-
-
 def _comparable_metrics(run_dir):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for r in rows:
@@ -109,17 +97,17 @@ def _assert_same_run(a, b):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     d = tmp_path_factory.mktemp("full") / "run"
-    r = _fedlora(*TINY, "--out", str(d))
+    r = fedlora_run(*TINY, "--out", str(d))
     assert r.returncode == 0, r.stderr
     return d
 
 
 def _kill_and_resume(tmp_path, phase):
     d = tmp_path / "run"
-    r = _fedlora(*TINY, "--out", str(d), fault=f"{phase}@2")
+    r = fedlora_run(*TINY, "--out", str(d), fault=f"{phase}@2")
     assert r.returncode == -9, (r.returncode, r.stderr[-500:])  # SIGKILL, no chance to clean up
     assert not (d / "adapter").exists()
-    r = _fedlora("--resume", str(d))
+    r = fedlora_run("--resume", str(d))
     assert r.returncode == 0, r.stderr
     assert "resuming" in r.stdout
     return d
@@ -136,7 +124,7 @@ def test_kill_9_at_every_phase_then_resume_equals_uninterrupted(tmp_path, uninte
 
 
 def test_resume_refuses_a_changed_config(tmp_path, uninterrupted):
-    r = _fedlora("--resume", str(uninterrupted), "--set", "lora.rank=4")
+    r = fedlora_run("--resume", str(uninterrupted), "--set", "lora.rank=4")
     assert r.returncode == 2 and "lora.rank: 8 -> 4" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -149,12 +137,12 @@ def test_resume_of_a_corrupted_checkpoint_is_refused(tmp_path, uninterrupted):
     b = bytearray(p.read_bytes())
     b[len(b) // 2] ^= 0x01
     p.write_bytes(bytes(b))
-    r = _fedlora("--resume", str(d))
+    r = fedlora_run("--resume", str(d))
     assert r.returncode == 2 and "SHA-256" in r.stderr and "Traceback" not in r.stderr
     assert (d / "adapter" / "adapter_model.safetensors").read_bytes() == \
         (uninterrupted / "adapter" / "adapter_model.safetensors").read_bytes()  # nothing else lost
 
 
 def test_a_new_run_refuses_an_existing_run_dir_and_points_to_resume(uninterrupted):
-    r = _fedlora(*TINY, "--out", str(uninterrupted))
+    r = fedlora_run(*TINY, "--out", str(uninterrupted))
     assert r.returncode == 2 and "--resume" in r.stderr

@@ -34,6 +34,10 @@ class ClientPlan:
     """Tensors the client merges into its frozen base before training (FLoRA); counted as downlink traffic."""
     modules: frozenset[str] | None = None
     """Only these LoRA modules train and are uploaded (layer-subset methods); None = every module."""
+    keep: frozenset[str] = frozenset()
+    """Roles the client keeps between rounds (personalised methods: FedSA-LoRA's B and head): trained, never
+    uploaded, restored at its next round from its own store (a file in the in-process engine, the node's
+    ``context.state`` on Flower); a client without them starts them from the shared-seed initial adapter."""
     privacy: Any = None
     """This client's DP-SGD parameters for the run (:class:`fedlora.privacy.ClientPrivacy`: σ, q, steps per round,
     C, δ), set by the engine from the run's DP plan — a Flower node trains with what the server calibrated; None =

@@ -65,10 +65,15 @@ class Classification(ClassificationTask):
         ev = self.evaluate(model, examples, cfg.train.eval_batch_size)
         return {"accuracy": ev["accuracy"], "eval_loss": ev["loss"]}
 
+    client_metric: ClassVar[str] = "accuracy"
+
+    def client_score(self, model, tokenizer, examples, cfg) -> float:
+        """One client's validation rows, scored with the model as loaded (its :attr:`client_metric`)."""
+        return self.evaluate(model, examples, cfg.train.eval_batch_size)["accuracy"]
+
     def client_scores(self, model, tokenizer, client_val, clients, cfg) -> dict:
         """Each client's validation rows, scored with the global model (``eval.per_client``)."""
-        bs = cfg.train.eval_batch_size
-        per = {k: self.evaluate(model, client_val[k], bs)["accuracy"]
+        per = {k: self.client_score(model, tokenizer, client_val[k], cfg)
                for k in range(len(client_val)) if len(client_val[k])}
         return {"client_accuracy": per,
                 "client_accuracy_mean": float(np.mean(list(per.values()))) if per else None,
@@ -117,12 +122,15 @@ class Instruction(InstructionTask):
             row["rougeL"] = ev["rougeL"]
         return row
 
+    client_metric: ClassVar[str] = "rougeL_teacher_forced"
+
+    def client_score(self, model, tokenizer, examples, cfg) -> float:
+        return self.evaluate(model, tokenizer, examples, cfg.train.eval_batch_size, generate=False,
+                             max_new_tokens=1)["rougeL_teacher_forced"]
+
     def client_scores(self, model, tokenizer, client_val, clients, cfg) -> dict:
-        per = {}
-        for k, c in enumerate(clients):
-            if c.val_rows:
-                per[k] = self.evaluate(model, tokenizer, client_val[k], cfg.train.eval_batch_size, generate=False,
-                                       max_new_tokens=1)["rougeL_teacher_forced"]
+        per = {k: self.client_score(model, tokenizer, client_val[k], cfg)
+               for k, c in enumerate(clients) if c.val_rows}
         return {"client_rougeL_teacher_forced": per,
                 "client_rougeL_teacher_forced_mean": float(np.mean(list(per.values()))) if per else None}
 

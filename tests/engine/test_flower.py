@@ -94,8 +94,12 @@ def test_simulation_runtime_gives_the_in_process_adapter(tmp_path, method, toy_m
     assert ours.keys() == theirs.keys()
     assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) <= 1e-6
     for a, b in zip(_rows(tmp_path / "inproc"), _rows(tmp_path / "flower"), strict=True):
-        for key in ("loss", "accuracy", "upload_bytes", "download_bytes", "clients"):
-            assert a[key] == pytest.approx(b[key], abs=1e-9), key
+        for key in ("loss", "accuracy", "upload_bytes", "download_bytes", "clients", "personal_accuracy_mean"):
+            assert (a.get(key) is None) == (b.get(key) is None), key
+            if a.get(key) is not None:
+                assert a[key] == pytest.approx(b[key], abs=1e-9), key
+        if get_method(method)(load_config(config, overrides)).personal_roles():  # scored on the nodes themselves
+            assert b["personal_accuracy"].keys() == a["personal_accuracy"].keys() and len(a["personal_accuracy"]) == 3
     for name in ("summary.json", "metrics.csv", "metrics.png", "config.toml", "clients.json"):
         assert (tmp_path / "flower" / name).is_file(), name
 
@@ -228,3 +232,27 @@ def test_a_reply_that_fails_validation_is_dropped_with_its_reason(tmp_path):
     assert "0" in rows[1]["dropped"] and "finite" in rows[1]["dropped"]["0"].lower()
     final = load_file(str(tmp_path / "flower/adapter/adapter_model.safetensors"))
     assert all(torch.isfinite(v).all() for v in final.values())
+
+
+def test_a_node_that_lost_its_kept_state_restarts_its_part_and_says_so(toy_model_dir):
+    """FedSA-LoRA on a node: the first call's node state carries the client's B and head; a returning client whose
+    node has no state (restarted, state lost) trains from the initial B and head and reports it."""
+    from fedlora import wire
+    from fedlora.config import to_toml
+    from fedlora.engine.flower_client import _engine, local_round
+    from fedlora.engine.flower_messages import plan_to_text
+
+    cfg = load_config(TINY, BASE + ["method=fedsa", f"model.name={toy_model_dir}"])
+    text = to_toml(cfg)
+    eng, method = _engine(text, None)
+    state = method.init_state(eng.spec.initial(ranks=eng.default_ranks))
+    first = method.configure(1, state, [0])[0]
+    _, update1, node_state = local_round(text, None, plan_to_text(first), 1, wire.encode(first.download), 0)
+    kept = wire.decode(node_state)
+    assert kept and all(k.startswith("keep/") for k in kept) and "state_restarted" not in json.loads(update1)["report"]
+    state.extra["trained"] = [0]
+    again = method.configure(2, state, [0])[0]
+    _, update2, _ = local_round(text, None, plan_to_text(again), 2, wire.encode(again.download), 0, base_state=node_state)
+    assert "state_restarted" not in json.loads(update2)["report"]
+    _, update3, _ = local_round(text, None, plan_to_text(again), 2, wire.encode(again.download), 0, base_state=None)
+    assert json.loads(update3)["report"]["state_restarted"] == 1

@@ -34,11 +34,16 @@ def test_every_registered_method_runs_a_round_and_exports_a_peft_adapter(name, t
     assert rows[0]["upload_bytes"] > 0 and 0.0 <= rows[0]["accuracy"] <= 1.0
     flat = res.adapter.to_flat()
     assert all(torch.isfinite(v).all() for v in flat.values())
-    assert any(float(m.B.abs().max()) > 0 for m in res.adapter.modules.values()), "no LoRA B factor moved"
     summary = json.loads((res.run_dir / "summary.json").read_text())
     assert summary["method"] == name
     _, model = load_adapter(res.run_dir)  # what a user loads: PEFT on the base model
     assert any("lora_B" in k for k, _ in model.named_parameters())
+    if not get_method(name)(load_config(None, [f"method={name}"])).personal_roles():
+        assert any(float(m.B.abs().max()) > 0 for m in res.adapter.modules.values()), "no LoRA B factor moved"
+        return
+    # a personalised method: B stays on the clients; each client's own adapter is exported and loads in PEFT
+    _, personal = load_adapter(res.run_dir / "personal" / "client-0")
+    assert any(float(p.abs().max()) > 0 for k, p in personal.named_parameters() if "lora_B" in k), "no B moved"
 
 
 PLUGIN = '''

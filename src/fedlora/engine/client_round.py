@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from torch import Tensor
+
 from fedlora import wire
 from fedlora.adapters import Adapter
 from fedlora.client import train_client
@@ -27,12 +29,14 @@ class RoundUpdates:
     missing: dict[int, str] = field(default_factory=dict)  # sampled clients whose reply never came (Flower)
 
 
-def client_work(eng: Engine, plan: ClientPlan, t: int, method: Method) -> tuple[bytes, Update]:
+def client_work(eng: Engine, plan: ClientPlan, t: int, method: Method,
+                kept: dict[str, Tensor] | None = None) -> tuple[bytes, Update, dict[str, Tensor]]:
     """A client's side of round ``t``, the same in every engine: the method's :meth:`~Method.prepare_client` (it may
-    finish the plan with local information), start from the initial adapter with the plan's download in place,
-    train locally inside the method's :meth:`~Method.training_scope` with its :meth:`~Method.local_hooks` (DP-SGD
-    when the client has a privacy plan), and encode the upload.  Returns the upload's bytes and the update without
-    tensors."""
+    finish the plan with local information), start from the initial adapter with the plan's download in place (and,
+    for a plan with ``keep`` roles, the tensors the client ``kept`` from its last round), train locally inside the
+    method's :meth:`~Method.training_scope` with its :meth:`~Method.local_hooks` (DP-SGD when the client has a
+    privacy plan), and encode the upload.  Returns the upload's bytes, the update without tensors, and the tensors
+    the client keeps for its next round (``plan.keep`` roles; never uploaded)."""
     cfg, task = eng.prepared.cfg, eng.prepared.task
     ranks = eng.spec.ranks_of(plan)
     slots = eng.pool.slots(ranks)
@@ -41,13 +45,19 @@ def client_work(eng: Engine, plan: ClientPlan, t: int, method: Method) -> tuple[
     ctx = ClientContext(eng.model, slots, examples, task.loss, cfg.train, eng.spec, t, cfg.seed,
                         start=lambda: eng.initial_for(ranks, seed))
     plan, report = method.prepare_client(ctx, plan)
+    kept = kept if plan.keep else None
+    if plan.keep and kept is None and plan.config.get("returning"):
+        report["state_restarted"] = 1  # it trained before but holds no state: it starts its part afresh
     if plan.modules is not None and not plan.modules and not (plan.train & {"head"}):
         update = Update(plan.client_id, len(examples), {},
                         {"loss": float("nan"), "skipped": 1.0, "steps": 0.0})  # nothing fits its budget: sits out
+        out_kept = kept or {}
     else:
         # the client's starting point goes into the slots here, and neither it nor the download is held while it
         # trains (a rank-56 SmolLM2 adapter is 68 MB)
-        slots.load(ctx.start().with_tensors(plan.download))
+        start = ctx.start().with_tensors(plan.download)
+        slots.load(start.with_tensors(kept) if kept else start)
+        del start
         plan = dataclasses.replace(plan, download={})
         hooks = method.local_hooks(plan, slots)
         with method.training_scope(ctx, plan, report):
@@ -55,9 +65,10 @@ def client_work(eng: Engine, plan: ClientPlan, t: int, method: Method) -> tuple[
                                   loss_fn=task.loss, train_cfg=cfg.train, round_idx=t, seed=cfg.seed,
                                   privacy=plan.privacy, accountant=None,
                                   secure_rng=cfg.dp.secure_rng, hooks=hooks)
+        out_kept = slots.read().to_flat(plan.keep) if plan.keep else {}
     update.report.update(report)
     blob = wire.encode(update.tensors)
-    return blob, dataclasses.replace(update, tensors={})  # from here on only the bytes travel
+    return blob, dataclasses.replace(update, tensors={}), out_kept  # from here on only the bytes travel
 
 
 def receive_upload(eng: Engine, plan, blob: bytes, update: Update, out: RoundUpdates, accountant,

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
+
 from torch import Tensor
 
-from fedlora.adapters import Adapter
+from fedlora.adapters import ROLES, Adapter
 from fedlora.config import ExperimentConfig
 from fedlora.engine.runtime import Engine, adapter_fits
 from fedlora.methods.base import ServerState
@@ -69,3 +71,38 @@ def _evaluate(eng: Engine, generate: bool) -> dict:
     if per_client_evaluation(cfg):
         row.update(task.client_scores(eng.model, eng.tokenizer, eng.client_val, eng.prepared.clients, cfg))
     return row
+
+
+def personal_scores(eng: Engine, method, state: ServerState, kept_of) -> dict:
+    """Personalised evaluation (methods with :meth:`~fedlora.methods.base.Method.personal_roles`): each client's own
+    model — the global part with the tensors it keeps, ``kept_of(k)`` (None: it never trained, so its part is the
+    initial one) — on its local validation rows; per client, mean and minimum, as ``personal_<metric>``.  In the
+    in-process engine ``kept_of`` reads the client's own file; on Flower each node scores itself."""
+    task = eng.prepared.task
+    keep = method.personal_roles()
+    global_part = method.global_adapter(state)
+    shared = global_part.to_flat(frozenset(ROLES) - keep)
+    eng.base.set(method.base_delta(state))
+    per = {}
+    for k, client in enumerate(eng.prepared.clients):
+        if client.val_rows:
+            per[k] = client_evaluate(eng, k, shared, kept_of(k))
+    return personal_summary(per, task.client_metric)
+
+
+def client_evaluate(eng: Engine, client_id: int, shared: dict[str, Tensor], kept: dict[str, Tensor] | None) -> float:
+    """One client's personalised score: its initial adapter with the global ``shared`` tensors and its ``kept`` ones,
+    on its validation rows."""
+    cfg, task = eng.prepared.cfg, eng.prepared.task
+    ranks = eng.spec.client_ranks[client_id]
+    start = eng.initial_for(ranks, None).with_tensors(shared)
+    slots = eng.pool.slots(ranks)
+    slots.load(start.with_tensors(kept) if kept else start)
+    return task.client_score(eng.model, eng.tokenizer, eng.client_val[client_id], cfg)
+
+
+def personal_summary(per: dict[int, float], metric: str) -> dict:
+    values = list(per.values())
+    return {f"personal_{metric}": per,
+            f"personal_{metric}_mean": float(np.mean(values)) if values else None,
+            f"personal_{metric}_min": float(np.min(values)) if values else None}

@@ -25,6 +25,7 @@ experiment's number of clients.  ``data-dir=/path`` rebases the config's relativ
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -163,6 +164,38 @@ class FlowerRound:
         return out
 
 
+    def evaluate_clients(self, t, state, eng, method) -> dict:
+        """A personalised method's per-client evaluation, run by the nodes: each gets the global part (the roles
+        its client does not keep) and scores its own model on its validation rows."""
+        from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+        from fedlora import wire
+        from fedlora.adapters import ROLES
+        from fedlora.engine.evaluate import personal_summary
+
+        clients = [k for k, c in enumerate(eng.prepared.clients) if c.val_rows]
+        self._discover(set(clients), len(eng.prepared.clients))
+        shared = wire.encode(method.global_adapter(state).to_flat(frozenset(ROLES) - method.personal_roles()))
+        messages, sent = [], {}
+        for k in clients:
+            node = self.nodes.get(k)
+            if node is None:
+                continue
+            content = RecordDict({"shared": ArrayRecord({"tensors": bytes_array(shared)}),
+                                  "plan": ConfigRecord({"config": self.config_text, "round": t})})
+            messages.append(Message(content, dst_node_id=node, message_type="evaluate", group_id=f"eval-{t}"))
+            sent[node] = k
+        per = {}
+        for reply in self.grid.send_and_receive(messages, timeout=self.round_timeout or None) if messages else []:
+            k = sent.get(reply.metadata.src_node_id)
+            if k is None or reply.has_error():
+                continue
+            score = json.loads(str(reply.content["result"]["json"])).get("score")
+            if score is not None:
+                per[k] = float(score)
+        return personal_summary(dict(sorted(per.items())), eng.prepared.task.client_metric)
+
+
 def run_on_grid(grid, run_config: dict, log=print):
     """The ServerApp's body: resolve the config, then run the experiment with :class:`FlowerRound`."""
     from fedlora.engine.loop import run_experiment
@@ -174,7 +207,7 @@ def run_on_grid(grid, run_config: dict, log=print):
                           node_wait=float(run_config.get("node-wait", 120)), log=log)
     log(f"fedlora on Flower: {cfg.method}, {cfg.rounds} rounds -> {Path(out_dir).resolve()}")
     return run_experiment(cfg, out_dir=out_dir, progress=False, log=log, collect=collect,
-                          resume=bool(run_config.get("resume", False)))
+                          evaluate_clients=collect.evaluate_clients, resume=bool(run_config.get("resume", False)))
 
 
 # ---------------------------------------------------------------------------------------------------- client
@@ -202,6 +235,27 @@ def client_train(msg, context):
     context.state["fedlora"] = ArrayRecord({"base": bytes_array(state)})  # Flower keeps it for this node
     return Message(RecordDict({"upload": ArrayRecord({"tensors": bytes_array(blob)}),
                                "update": ConfigRecord({"json": update_text})}), reply_to=msg)
+
+
+def client_evaluate(msg, context):
+    """The ClientApp's evaluate handler: a personalised method's evaluation of this node's client, with the tensors
+    the node keeps (in the worker process in a deployment, as for training)."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    rec = msg.content["plan"]
+    args = (str(rec["config"]), context.node_config.get("data-dir"), msg.content["shared"]["tensors"].data,
+            int(context.node_config.get("partition-id", -1)))
+    kept = context.state.get("fedlora") if "fedlora" in context.state else None
+    state = kept["base"].data if kept is not None and "base" in kept else None
+    if _short_lived_process(context):
+        from fedlora.engine.flower_worker import call_worker_evaluate
+
+        result = call_worker_evaluate(context.node_id, *args, state)
+    else:
+        from fedlora.engine.flower_client import local_evaluate
+
+        result = local_evaluate(*args, state)
+    return Message(RecordDict({"result": ConfigRecord({"json": result})}), reply_to=msg)
 
 
 def _short_lived_process(context) -> bool:
@@ -235,3 +289,4 @@ def _server_main(grid, context) -> None:
 client_app = ClientApp()
 client_app.train()(client_train)
 client_app.query()(client_query)
+client_app.evaluate()(client_evaluate)

@@ -52,16 +52,42 @@ def local_round(config_text: str, data_dir: str | None, plan_text: str, round_id
                 base_state: bytes | None = None) -> tuple[bytes, str, bytes]:
     """A client's round from wire form to wire form: (upload bytes, update JSON, the client's base state).  Runs in
     the ClientApp process (simulation runtime: a long-lived Ray actor) or in the node's worker (deployment).
-    ``base_state`` is what the previous call returned for this node (FLoRA's offset, kept by Flower in the node's
-    ``context.state``); ``None`` when there is none."""
+    ``base_state`` is what the previous call returned for this node (FLoRA's offset, a personalised method's kept
+    tensors; Flower keeps it in the node's ``context.state``); ``None`` when there is none."""
     eng, method = _engine(config_text, data_dir)
     if memory_text:
         apply_memory(eng.spec, memory_text)
     plan = plan_from_text(plan_text, wire.decode(download))
     if plan.client_id != partition:
         raise ValueError(f"this node holds partition {partition}, the plan is for client {plan.client_id}")
-    previous = wire.decode(base_state) if base_state is not None else None
+    node_state = wire.decode(base_state) if base_state is not None else {}
+    previous = _part(node_state, "base/") if base_state is not None else None
+    kept = _part(node_state, "keep/") or None
     offsets = method.client_base(wire.decode(merge) if merge else {}, previous)
     eng.base.set(offsets or None)  # this client's frozen base: W0 + the method's offsets (FLoRA), else W0
-    blob, update = client_work(eng, plan, round_idx, method)
-    return blob, update_to_text(update), wire.encode(offsets)
+    blob, update, kept = client_work(eng, plan, round_idx, method, kept)
+    state = {**{"base/" + k: v for k, v in offsets.items()}, **{"keep/" + k: v for k, v in kept.items()}}
+    return blob, update_to_text(update), wire.encode(state)
+
+
+def local_evaluate(config_text: str, data_dir: str | None, shared: bytes, partition: int,
+                   base_state: bytes | None = None) -> str:
+    """A personalised method's evaluation on this node: its client's own model — the global ``shared`` tensors with
+    the ones it keeps (from the node state; none if it never trained) — on its local validation rows.  Returns
+    JSON ``{"score": …}`` (null when the client has no validation rows)."""
+    import json
+
+    from fedlora.engine.evaluate import client_evaluate
+
+    eng, method = _engine(config_text, data_dir)
+    node_state = wire.decode(base_state) if base_state is not None else {}
+    eng.base.set(_part(node_state, "base/") or None)
+    if not eng.prepared.clients[partition].val_rows:
+        return json.dumps({"score": None})
+    return json.dumps({"score": client_evaluate(eng, partition, wire.decode(shared), _part(node_state, "keep/") or None)})
+
+
+def _part(state: dict, prefix: str) -> dict:
+    """The node state's tensors under one prefix: ``base/`` (FLoRA's and FedEx-LoRA's base offset), ``keep/`` (the
+    roles a personalised method keeps on the client)."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

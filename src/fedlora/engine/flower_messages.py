@@ -16,6 +16,7 @@ def plan_to_text(plan: ClientPlan) -> str:
     return json.dumps({"client_id": plan.client_id, "train": sorted(plan.train), "upload": sorted(plan.upload),
                        "config": plan.config, "ranks": plan.ranks,
                        "modules": sorted(plan.modules) if plan.modules is not None else None,
+                       "keep": sorted(plan.keep),
                        "privacy": dataclasses.asdict(plan.privacy) if plan.privacy is not None else None})
 
 
@@ -27,7 +28,8 @@ def plan_from_text(text: str, download: dict) -> ClientPlan:
     privacy = ClientPrivacy(**d["privacy"]) if d.get("privacy") is not None else None
     return ClientPlan(int(d["client_id"]), download, frozenset(d["train"]), frozenset(d["upload"]),
                       dict(d["config"]), {k: int(v) for k, v in d["ranks"].items()},
-                      modules=frozenset(d["modules"]) if d["modules"] is not None else None, privacy=privacy)
+                      modules=frozenset(d["modules"]) if d["modules"] is not None else None, privacy=privacy,
+                      keep=frozenset(d.get("keep", ())))
 
 
 def update_to_text(update: Update) -> str:

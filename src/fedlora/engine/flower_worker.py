@@ -65,6 +65,25 @@ def call_worker(node_id: int, config_text: str, data_dir: str | None, plan_text:
                 download: bytes, partition: int, memory_text: str = "", merge: bytes = b"",
                 base_state: bytes | None = None) -> tuple[bytes, str, bytes]:
     """Run a client's round in this node's worker (started if none answers): :func:`local_round`'s result."""
+    header, payload = _call(node_id, {"op": "train", "config": config_text, "data_dir": data_dir, "plan": plan_text,
+                                      "round": round_idx, "partition": partition, "memory": memory_text,
+                                      "sizes": [len(download), len(merge)], "has_state": base_state is not None},
+                            download + merge + (base_state or b""))
+    cut = int(header["upload_bytes"])
+    return payload[:cut], header["update"], payload[cut:]
+
+
+def call_worker_evaluate(node_id: int, config_text: str, data_dir: str | None, shared: bytes, partition: int,
+                         base_state: bytes | None = None) -> str:
+    """A personalised evaluation in this node's worker: :func:`local_evaluate`'s result."""
+    header, _ = _call(node_id, {"op": "evaluate", "config": config_text, "data_dir": data_dir, "partition": partition,
+                                "sizes": [len(shared)], "has_state": base_state is not None},
+                      shared + (base_state or b""))
+    return header["result"]
+
+
+def _call(node_id: int, header: dict, payload: bytes) -> tuple[dict, bytes]:
+    """Send one request to this node's worker, starting it if none answers."""
     path = socket_path(node_id)
     conn = _connect(path)
     if conn is None:
@@ -78,14 +97,11 @@ def call_worker(node_id: int, config_text: str, data_dir: str | None, plan_text:
         if conn is None:
             raise RuntimeError(f"the fedlora worker did not start within {START_TIMEOUT_S:.0f} s (log: {path}.log)")
     with conn:
-        _send(conn, {"config": config_text, "data_dir": data_dir, "plan": plan_text, "round": round_idx,
-                     "partition": partition, "memory": memory_text, "sizes": [len(download), len(merge)],
-                     "has_state": base_state is not None}, download + merge + (base_state or b""))
-        header, payload = _recv(conn)
-    if "error" in header:
-        raise RuntimeError(f"fedlora worker: {header['error']}")
-    cut = int(header["upload_bytes"])
-    return payload[:cut], header["update"], payload[cut:]
+        _send(conn, header, payload)
+        reply, data = _recv(conn)
+    if "error" in reply:
+        raise RuntimeError(f"fedlora worker: {reply['error']}")
+    return reply, data
 
 
 def _connect(path: Path) -> socket.socket | None:
@@ -103,7 +119,7 @@ def _connect(path: Path) -> socket.socket | None:
 def serve(path: Path, idle_s: float) -> None:
     import signal
 
-    from fedlora.engine.flower_client import local_round
+    from fedlora.engine.flower_client import local_evaluate, local_round
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # runs the clean-up below
 
@@ -125,6 +141,12 @@ def serve(path: Path, idle_s: float) -> None:
                 conn.settimeout(None)
                 try:
                     req, payload = _recv(conn)
+                    if req.get("op") == "evaluate":
+                        (a,) = (int(n) for n in req["sizes"])
+                        result = local_evaluate(req["config"], req["data_dir"], payload[:a], int(req["partition"]),
+                                                payload[a:] if req["has_state"] else None)
+                        _send(conn, {"result": result}, b"")
+                        continue
                     a, b = (int(n) for n in req["sizes"])
                     blob, update, state = local_round(req["config"], req["data_dir"], req["plan"], int(req["round"]),
                                                       payload[:a], int(req["partition"]), req["memory"],

@@ -23,7 +23,8 @@ from fedlora.adapters import Adapter
 from fedlora.checkpoint import CheckpointError, load_checkpoint, restore_rng, save_checkpoint
 from fedlora.config import ExperimentConfig, to_toml
 from fedlora.engine.client_round import RoundUpdates
-from fedlora.engine.evaluate import evaluate_global
+from fedlora.engine.client_state import ClientStates
+from fedlora.engine.evaluate import evaluate_global, per_client_evaluation, personal_scores
 from fedlora.engine.prepare import partition_digest, prepare, sample_clients
 from fedlora.engine.rundir import (check_resume_config, default_run_dir, export_adapter, fault_point, open_run_dir,
                                    write_clients_file)
@@ -49,22 +50,24 @@ class RunResult:
 
 
 def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, progress: bool = True,
-                   log=print, resume: bool = False, *, collect) -> RunResult:
+                   log=print, resume: bool = False, *, collect, evaluate_clients=None) -> RunResult:
     """Run (or, with ``resume=True``, continue from ``out_dir``'s last checkpoint) an experiment.
 
     ``collect(t, plans, engine, prepared, accountant, progress, method, stream) -> RoundUpdates`` runs the clients
     of a round: :func:`fedlora.engine.simulation.collect_in_process` trains them in this process,
-    :class:`fedlora.engine.flower.FlowerRound` sends them to SuperNodes."""
+    :class:`fedlora.engine.flower.FlowerRound` sends them to SuperNodes.  ``evaluate_clients(t, state, engine,
+    method) -> dict`` runs a personalised method's per-client evaluation where the clients are (default: in this
+    process, :func:`evaluate_in_process`)."""
     threads = torch.get_num_threads()
     if cfg.model.threads:
         torch.set_num_threads(cfg.model.threads)
     try:
-        return _run(cfg, out_dir, progress, log, resume, collect)
+        return _run(cfg, out_dir, progress, log, resume, collect, evaluate_clients or evaluate_in_process)
     finally:
         torch.set_num_threads(threads)  # model.threads is this run's, not the caller's process-wide setting
 
 
-def _run(cfg: ExperimentConfig, out_dir, progress: bool, log, resume: bool, collect) -> RunResult:
+def _run(cfg: ExperimentConfig, out_dir, progress: bool, log, resume: bool, collect, evaluate_clients) -> RunResult:
     t_start = time.time()
     return_large_frees_promptly()
     ckpt = None
@@ -85,6 +88,7 @@ def _run(cfg: ExperimentConfig, out_dir, progress: bool, log, resume: bool, coll
         log(f"unseen (held-out) tasks: {len(prepared.heldout)}, {len(prepared.global_eval_rows)} evaluation rows")
 
     eng = build_engine(prepared, log)
+    eng.client_states = ClientStates(run_dir)
     if len(set(prepared.rank_configs)) > 1 or cfg.lora.rank_distribution != "homogeneous":
         counts: dict[str, int] = {}
         for c in prepared.rank_configs:
@@ -102,6 +106,7 @@ def _run(cfg: ExperimentConfig, out_dir, progress: bool, log, resume: bool, coll
         metrics.replace(ckpt.metrics)  # drops any row written after the last committed checkpoint
         restore_rng(ckpt.rng)
         start = ckpt.round + 1
+        eng.client_states.rollback(ckpt.round)  # what an interrupted later round had kept on its clients
         log(f"resuming {run_dir} after round {ckpt.round} of {cfg.rounds}")
     plans, train_roles = [], None
 
@@ -122,11 +127,14 @@ def _run(cfg: ExperimentConfig, out_dir, progress: bool, log, resume: bool, coll
         if t % cfg.eval.every == 0 or t == cfg.rounds:
             generate = t == cfg.rounds or (cfg.eval.generate_every > 0 and t % cfg.eval.generate_every == 0)
             row.update(evaluate_global(eng, method, state, generate))
+            if method.personal_roles() and per_client_evaluation(cfg):  # each client's own model, on the client
+                row.update(evaluate_clients(t, state, eng, method))
             release_freed_memory()
         row["wall_s"] = round(time.time() - t0, 3)
         fault_point("aggregate", t)
         save_checkpoint(run_dir, t, state, accountant.state_dict(), metrics.rows + [row], to_toml(cfg),
                         fault=fault_point)
+        eng.client_states.commit(t)
         fault_point("metrics", t)
         metrics.append(row)
         plot_run(metrics.rows, run_dir / "metrics.png", title=f"{cfg.method} · {cfg.model.name}")
@@ -134,7 +142,13 @@ def _run(cfg: ExperimentConfig, out_dir, progress: bool, log, resume: bool, coll
 
     final = method.export_adapter(state)
     export_adapter(eng, method, state, final, run_dir)
+    if method.personal_roles():  # each client's own model, as PEFT adapters (the first PERSONAL_EXPORTS clients)
+        for k in eng.client_states.clients()[:PERSONAL_EXPORTS]:
+            export_adapter(eng, method, state, final.with_tensors(eng.client_states.get(k)), run_dir,
+                           name=f"personal/client-{k}")
     headline = prepared.task.headline
+    if method.personal_roles() and last_row_has(metrics.rows, f"personal_{prepared.task.client_metric}_mean"):
+        headline = f"personal_{prepared.task.client_metric}_mean"  # a personalised method's result is its clients'
     last = metrics.rows[-1]
     first_client = {c: k for k, c in reversed(list(enumerate(prepared.rank_configs)))}  # one client per configuration
     trainable = {describe_config(c): eng.spec.initial(ranks=eng.spec.client_ranks[k]).num_parameters(train_roles)
@@ -157,10 +171,25 @@ def _run(cfg: ExperimentConfig, out_dir, progress: bool, log, resume: bool, coll
     os.replace(tmp, run_dir / "summary.json")  # written last: its presence marks a complete run
     score = summary["final_score"]
     what = ("unseen-task " if prepared.heldout else "") + prepared.task.headline_label
+    if headline.startswith("personal_"):
+        what = f"personalised {prepared.task.client_metric} (mean over clients)"
     log(f"final {what}: {score:.4f}  ({summary['wall_s']} s)  -> {run_dir}" if score is not None
         else f"done ({summary['wall_s']} s) -> {run_dir}")
     return RunResult(run_dir, metrics.rows, final)
 
+
+
+PERSONAL_EXPORTS = 16
+"""A personalised run exports the personal adapters of this many clients (those with the smallest ids)."""
+
+
+def last_row_has(rows: list[dict], key: str) -> bool:
+    return bool(rows) and rows[-1].get(key) is not None
+
+
+def evaluate_in_process(t, state, eng, method) -> dict:
+    """Personalised evaluation with each client's kept tensors read from its own file (in-process clients)."""
+    return personal_scores(eng, method, state, eng.client_states.get)
 
 
 def _round_row(t, received: RoundUpdates, prepared, accountant, cfg) -> dict:
@@ -177,7 +206,7 @@ def _round_row(t, received: RoundUpdates, prepared, accountant, cfg) -> dict:
         row["missing"] = received.missing
     if received.norms:
         row["update_norm"] = received.norms
-    for key in ("layers", "memory_predicted_mb", "memory_measured_mb"):
+    for key in ("layers", "memory_predicted_mb", "memory_measured_mb", "state_restarted"):
         per = {k: r[key] for k, r in received.reports.items() if key in r}
         if per:
             row[f"{key}_per_client" if key != "layers" else "layers_trained"] = per
@@ -193,6 +222,9 @@ def _round_line(row: dict, cfg) -> str:
     parts = [f"round {row['round']:>3}/{cfg.rounds}", f"loss {row['loss']:.4f}" if row["loss"] is not None else ""]
     if row.get("accuracy") is not None:
         parts.append(f"val acc {row['accuracy']:.4f}")
+    personal = [k for k in row if k.startswith("personal_") and k.endswith("_mean") and row[k] is not None]
+    if personal:
+        parts.append(f"personal {row[personal[0]]:.4f}")
     if row.get("rougeL_teacher_forced") is not None:
         parts.append(f"unseen rougeL-tf {row['rougeL_teacher_forced']:.4f}")
     if row.get("rougeL") is not None:

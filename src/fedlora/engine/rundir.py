@@ -85,12 +85,15 @@ def write_clients_file(run_dir: Path, prepared: Prepared, spec: FederationSpec) 
 
 
 
-def export_adapter(eng: Engine, method, state: ServerState, final: Adapter, run_dir: Path) -> None:
-    """Write ``adapter/`` atomically (temporary folder, then rename): PEFT's own ``save_pretrained`` when the final
-    adapter fits the model's LoRA layers, else a PEFT folder with per-module ranks (``rank_pattern``)."""
+def export_adapter(eng: Engine, method, state: ServerState, final: Adapter, run_dir: Path,
+                   name: str = "adapter") -> None:
+    """Write ``adapter/`` (or ``name``) atomically (temporary folder, then rename): PEFT's own ``save_pretrained``
+    when the final adapter fits the model's LoRA layers, else a PEFT folder with per-module ranks
+    (``rank_pattern``)."""
     import shutil
 
-    tmp, target = run_dir / "adapter.tmp", run_dir / "adapter"
+    tmp, target = run_dir / f"{name}.tmp", run_dir / name
+    target.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     if adapter_fits(final, eng.default_ranks) and method.base_delta(state) is None:
         eng.pool.slots(eng.default_ranks).load(final)

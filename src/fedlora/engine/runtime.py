@@ -40,6 +40,8 @@ class Engine:
     client_val: object
     global_val: object
     default_ranks: dict[str, int]
+    client_states: object = None
+    """In-process engine: what clients keep between rounds (:class:`fedlora.engine.client_state.ClientStates`)."""
     _initial_cache: dict = field(default_factory=dict)
     _templates: dict = field(default_factory=dict)
 

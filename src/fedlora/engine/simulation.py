@@ -46,8 +46,11 @@ def collect_in_process(t, plans, eng: Engine, prepared, accountant, progress, me
             out.down_bytes += len(wire.encode(plan.merge))
         sent = dataclasses.replace(plan, download=wire.decode(payload))
         del payload
-        blob, update = client_work(eng, sent, t, method)
-        del sent
+        kept = eng.client_states.get(plan.client_id) if plan.keep else None  # the client's own file
+        blob, update, kept = client_work(eng, sent, t, method, kept)
+        if plan.keep:
+            eng.client_states.put(plan.client_id, t, kept)
+        del sent, kept
         receive_upload(eng, plan, blob, update, out, accountant, method, stream)
         del blob
         if "loss" in update.metrics:

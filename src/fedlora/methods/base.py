@@ -194,6 +194,11 @@ class Method(ABC):
         (None = not measured).  Plain methods keep the upload as it is; the robust wrapper bounds its norm."""
         return tensors, None
 
+    def personal_roles(self) -> frozenset[str]:
+        """Roles each client keeps for itself (personalised methods: FedSA-LoRA's B and head); non-empty turns on
+        personalised evaluation, and the run's headline becomes the clients' mean personalised score."""
+        return frozenset()
+
     def global_adapter(self, state: ServerState) -> Adapter:
         """The adapter that is evaluated and exported (PEFT format)."""
         return state.adapter
