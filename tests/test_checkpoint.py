@@ -1,6 +1,5 @@
 """Checkpoints: atomic, verified, exact resume after kill -9 at any phase of a round (issue: nothing lost)."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
