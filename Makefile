@@ -30,7 +30,7 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
-	$(BIN)/python -m pytest -q -m deployment
+	$(BIN)/python -m pytest -q -m "deployment or flower_sim"
 
 test-fast: setup
 	$(BIN)/python -m pytest -q

@@ -19,9 +19,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from fedlora.memory import analytic_activation_bytes, build_memory_model, profile_step, relative_error
 
 SETTINGS = {
-    "minilm": dict(task="classification", targets=["query", "value"], layers=6, hidden=384, heads=12, inter=1536,
+    "minilm": dict(task_type="SEQ_CLS", targets=["query", "value"], layers=6, hidden=384, heads=12, inter=1536,
                    per_layer_params=2 * 8 * (384 + 384)),
-    "smollm2": dict(task="instruction", targets=["q_proj", "v_proj"], layers=30, hidden=576, heads=9, inter=1536,
+    "smollm2": dict(task_type="CAUSAL_LM", targets=["q_proj", "v_proj"], layers=30, hidden=576, heads=9, inter=1536,
                     per_layer_params=8 * (576 + 576) + 8 * (576 + 192)),
 }
 
@@ -33,7 +33,7 @@ def subsets(n: int) -> list[list[int]]:
 
 def run(model: str, batch: int, seq: int) -> list[dict]:
     s = SETTINGS[model]
-    spec = dict(model=model, task=s["task"], rank=8, alpha=16.0, targets=s["targets"], batch=batch, seq=seq,
+    spec = dict(model=model, task_type=s["task_type"], rank=8, alpha=16.0, targets=s["targets"], batch=batch, seq=seq,
                 threads=1)
     measured: dict[tuple, float] = {}
 

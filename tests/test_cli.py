@@ -42,7 +42,7 @@ def test_info_lists_methods_models_and_data():
     r = _fedlora("info", "--config-keys")
     assert r.returncode == 0
     for needle in ("fedit", "ffa", "minilm", "bundled:sst2/train", "lora.rank", "dirichlet", "fedadam", "fedyogi",
-                   "server.momentum"):
+                   "server.momentum", "fedex", "rolora", "fedsvd", "fedsa", "lorafair", "train.prox_mu", "FedProx"):
         assert needle in r.stdout
 
 
@@ -55,6 +55,19 @@ def test_tiny_example_runs_with_a_method_override(tmp_path):
     assert 'method = "fedit"' in (out / "config.toml").read_text()
     with open(out / "metrics.csv") as fh:
         assert len(list(csv.DictReader(fh))) == 1
+
+
+@pytest.mark.parametrize("method", ["fedex", "rolora", "fedsvd", "fedsa", "lorafair"])
+def test_tiny_example_runs_each_baseline(tmp_path, method, toy_model_dir):
+    """The contract ``--set method=fedsa|fedex|fedsvd|rolora|lorafair`` on examples/tiny.toml (on the toy model, two
+    rounds, so that RoLoRA trains both factors and FedSA-LoRA's clients come back to their state)."""
+    from fedlora.cli import main
+
+    assert main(["run", "--config", str(REPO / "examples/tiny.toml"), "--set", f"method={method}", "--set", "rounds=2",
+                 "--set", f"model.name={toy_model_dir}", "--set", "data.max_train_examples=90",
+                 "--set", "data.max_eval_examples=30", "--set", "train.prox_mu=0.01", "--set", "model.threads=1",
+                 "--out", str(tmp_path / method), "--quiet"]) == 0
+    assert json.loads((tmp_path / method / "summary.json").read_text())["method"] == method
 
 
 @pytest.mark.parametrize("example", sorted(p.name for p in (REPO / "examples").glob("*.toml")))

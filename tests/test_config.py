@@ -81,3 +81,16 @@ def test_every_key_has_help():
     assert len(rows) > 40 and all(help_ for _, _, help_ in rows)
     assert ("lora.rank", 8) in [(k, d) for k, d, _ in rows]
     assert isinstance(ExperimentConfig().lora.target_modules, list)
+
+
+@pytest.mark.parametrize("override,key", [("hetlora.gamma=2", "hetlora.gamma"), ("pilot.dwa_max=0.5", "pilot.dwa_max"),
+                                          ("fedsvd.period=-1", "fedsvd.period"), ("lorafair.steps=0", "lorafair.steps"),
+                                          ("flora.alpha_per_rank=-1", "flora.alpha_per_rank")])
+def test_a_method_section_checks_itself(override, key):
+    """The sections methods own carry their own ``check()``; validation calls it like the engine sections' checks."""
+    from fedlora.config_fields import FedSVDConfig
+
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, [override])
+    with pytest.raises(ConfigError, match="fedsvd.period"):
+        FedSVDConfig(period=-2).check()

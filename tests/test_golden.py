@@ -59,29 +59,32 @@ def _assert_same_metrics(got_text: str, want_text: str) -> None:
         assert not bad, f"round {want[0]}: {bad}"
 
 
-def test_a_checkpoint_written_before_the_redesign_resumes_to_the_golden_run(tmp_path):
-    """``tests/golden/ffa_round1_checkpoint`` is round 1 of the ``ffa`` case written by the code before the
-    redesign (commit bd4a28d); resumed to 2 rounds by today's code it ends where the uninterrupted golden run does."""
+@pytest.mark.parametrize("case", ["ffa", "ffa_dp", "hetlora", "pilot"])
+def test_a_checkpoint_written_before_the_redesign_resumes_to_the_golden_run(tmp_path, case):
+    """``tests/golden/<case>_round1_checkpoint`` is round 1 of that golden case written by the code before the
+    redesign (commit bd4a28d; killed in round 2): plain FFA-LoRA, with DP (the accountants' history), HetLoRA (its
+    pruned ranks in the method state) and Fed-piLot (global scores and per-tensor momentum).  Resumed to 2 rounds by
+    today's code, each ends where the uninterrupted golden run does."""
     import shutil
 
     from fedlora.config import load_config
     from fedlora.engine.simulation import run_experiment
-    from tests.golden.cases import ROOT, TINY, overrides
+    from tests.golden.cases import CASES, ROOT, overrides
 
     run_dir = tmp_path / "run"
-    shutil.copytree(HERE / "ffa_round1_checkpoint", run_dir)
+    shutil.copytree(HERE / f"{case}_round1_checkpoint", run_dir)
     threads = torch.get_num_threads()
     try:
-        run_experiment(load_config(str(ROOT / TINY), overrides("ffa")), out_dir=run_dir, progress=False,
+        run_experiment(load_config(str(ROOT / CASES[case][0]), overrides(case)), out_dir=run_dir, progress=False,
                        log=lambda *_: None, resume=True)
     finally:
         torch.set_num_threads(threads)
-    golden = load_file(str(HERE / "ffa" / "adapter.safetensors"))
+    golden = load_file(str(HERE / case / "adapter.safetensors"))
     ours = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
     assert ours.keys() == golden.keys()
     for key, want in golden.items():
         torch.testing.assert_close(ours[key], want, rtol=RTOL, atol=RTOL * float(want.abs().max()))
-    _assert_same_metrics(stable_metrics(run_dir), (HERE / "ffa" / "metrics.csv").read_text(encoding="utf-8"))
+    _assert_same_metrics(stable_metrics(run_dir), (HERE / case / "metrics.csv").read_text(encoding="utf-8"))
 
 
 @pytest.mark.parametrize("flower_case", sorted(SAME_AS))

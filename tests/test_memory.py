@@ -37,7 +37,7 @@ def test_calibration_recovers_a_known_linear_memory_law():
 
 
 def test_calibrated_model_predicts_real_minilm_steps_within_15_percent():
-    spec = dict(model="minilm", task="classification", rank=8, alpha=16.0, targets=["query", "value"], batch=8,
+    spec = dict(model="minilm", task_type="SEQ_CLS", rank=8, alpha=16.0, targets=["query", "value"], batch=8,
                 seq=96, threads=1)
     measure = {}
 

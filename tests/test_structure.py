@@ -107,14 +107,43 @@ def test_the_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-def test_no_dispatch_on_a_method_name_outside_methods():
-    names = ["fedit", "ffa", "flexlora", "hetlora", "flora", "pilot", "fedra", "randk", "topk"]
-    pattern = re.compile(r"""(==|!=|\bin)\s*\(?\s*["'](%s)["']""" % "|".join(names))
+def _dispatch_lines(names: list[str], allowed: tuple[str, ...]) -> list[str]:
+    """Lines outside ``allowed`` modules that compare something with one of ``names`` (``== "x"``, ``in ("x", …)``,
+    ``"x" == …``, ``["x"]`` lookups are not dispatch)."""
+    alternatives = "|".join(map(re.escape, names))
+    before = re.compile(r"""(==|!=|\bin)\s*[\(\[{]?\s*["'](%s)["']""" % alternatives)
+    after = re.compile(r"""["'](%s)["']\s*(==|!=|in\b)""" % alternatives)
     offenders = []
     for name, path in _modules().items():
-        if name.startswith(("fedlora.methods", "fedlora.registry")):
+        if name.startswith(allowed):
             continue
         for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if pattern.search(line) or re.search(r"""["'](%s)["']\s*(==|!=|in\b)""" % "|".join(names), line):
+            if before.search(line) or after.search(line):
                 offenders.append(f"{path.relative_to(SRC)}:{i}: {line.strip()}")
-    assert not offenders, offenders
+    return offenders
+
+
+def test_no_dispatch_on_a_method_name_outside_methods():
+    from fedlora.registry import BUILTIN_METHODS
+
+    assert not (offenders := _dispatch_lines(sorted(BUILTIN_METHODS), ("fedlora.methods", "fedlora.registry"))), \
+        offenders
+
+
+def test_no_dispatch_on_a_task_name_outside_the_task_modules():
+    from fedlora.tasks import TASKS
+
+    allowed = ("fedlora.tasks", "fedlora.data", "fedlora.config_checks")  # config checks validate data.task's keys
+    assert not (offenders := _dispatch_lines(sorted(TASKS), allowed)), offenders
+
+
+def test_no_dispatch_on_a_model_alias_outside_the_model_registry():
+    from fedlora.models import BUNDLED_MODELS
+
+    assert not (offenders := _dispatch_lines(sorted(BUNDLED_MODELS), ("fedlora.models",))), offenders
+
+
+def test_every_method_file_is_at_most_350_lines():
+    methods = SRC / "fedlora" / "methods"
+    long = {p.name: n for p in methods.glob("*.py") if (n := len(p.read_text(encoding="utf-8").splitlines())) > 350}
+    assert not long, f"method files above 350 lines: {long}"

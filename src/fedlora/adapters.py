@@ -1,4 +1,5 @@
-"""One server-side representation of a LoRA adapter, and its exact conversion to and from PEFT state dicts.
+"""One server-side representation of a LoRA adapter (what methods compute with; :mod:`fedlora.lora` converts it
+to and from PEFT).
 
 Per target module we keep the factors ``A (r × d_in)`` and ``B (d_out × r)`` and ``alpha``; the update the module
 adds to its frozen weight is ``ΔW = s·B·A`` with ``s = alpha / r`` (algorithms.md §0.3).  Task-head tensors (for

@@ -101,12 +101,13 @@ def _cmd_report(args) -> int:
 def _cmd_info(args) -> int:
     from fedlora.config import describe
     from fedlora.data.sources import BUNDLED
-    from fedlora.methods import method_summaries
+    from fedlora.methods import available_methods, get_method
     from fedlora.models import BUNDLED_MODELS, resolve_model_path
 
     print("methods:")
-    for name, summary in method_summaries().items():
-        print(f"  {name:<8} {summary}")
+    for name in available_methods():
+        method = get_method(name)
+        print(f"  {name:<8} {method.summary}" + (f"\n           paper: {method.citation}" if method.citation else ""))
     print("models (bundled, offline):")
     for alias, (_, desc) in BUNDLED_MODELS.items():
         try:
@@ -121,7 +122,6 @@ def _cmd_info(args) -> int:
     print("  or a local .jsonl/.json/.csv/.tsv/.parquet file (optionally .gz), or hf:DATASET_ID[:CONFIG]:SPLIT")
     print("partitioners: iid, dirichlet (clients.dirichlet_alpha), label_skew (FFA-LoRA's fixed proportions)")
     print("optimisers: adamw, sgd;  DP-SGD: [dp] enabled = true (Opacus, RDP accounting)")
-    from fedlora.methods import available_methods, get_method
     from fedlora.server_optimizer import OPTIMIZERS
 
     averaging = [n for n in available_methods() if get_method(n).accepts_server_optimizer]

@@ -104,7 +104,8 @@ def train_client(*, model: nn.Module, slots: LoraSlots, initial: Adapter | None,
     # Micro-batches of similar length pad less.  Exact where the step's gradient is a mean over examples: per-example
     # losses (classification) and DP-SGD (per-example gradients); instruction losses average tokens per micro-batch,
     # so their grouping is left as sampled.
-    sort_by_length = hasattr(examples, "input_ids") and (privacy is not None or isinstance(examples, Examples))
+    sort_by_length = hasattr(examples, "input_ids") and (
+        privacy is not None or getattr(examples, "loss_is_mean_over_examples", False))
     lengths = np.fromiter((len(x) for x in examples.input_ids), dtype=np.int64, count=n) if sort_by_length else None
 
     head_params = [p for k, p in slots.params.items() if role_of(k) == ROLE_HEAD and p.requires_grad]

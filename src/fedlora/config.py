@@ -24,7 +24,8 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 from fedlora.config_checks import validate
-from fedlora.config_fields import FedSVDConfig, FlexLoraConfig, FloraConfig, HetLoraConfig, PilotConfig, _f
+from fedlora.config_fields import (FedSVDConfig, FlexLoraConfig, FloraConfig, HetLoraConfig, LoRAFAIRConfig,
+                                   PilotConfig, _f)
 from fedlora.errors import ConfigError
 
 
@@ -216,6 +217,7 @@ class ExperimentConfig:
     hetlora: HetLoraConfig = field(default_factory=HetLoraConfig)
     flora: FloraConfig = field(default_factory=FloraConfig)
     fedsvd: FedSVDConfig = field(default_factory=FedSVDConfig)
+    lorafair: LoRAFAIRConfig = field(default_factory=LoRAFAIRConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     pilot: PilotConfig = field(default_factory=PilotConfig)
 

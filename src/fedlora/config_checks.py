@@ -3,6 +3,7 @@ value and what is valid.  Pure: no file or model is opened here except checking 
 the section objects of :mod:`fedlora.config` without importing it (that module calls :func:`validate`)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import fields
 from pathlib import Path
@@ -152,38 +153,18 @@ def _check_memory(mem) -> None:
     _need(mem.knapsack_unit_mb > 0, "memory.knapsack_unit_mb", mem.knapsack_unit_mb, "a positive number")
 
 
-def _check_pilot(pl) -> None:
-    """pilot.*"""
-    _need(pl.ig_examples >= 1, "pilot.ig_examples", pl.ig_examples, "a positive integer")
-    for key in ("score_mix", "score_decay", "momentum_share", "momentum_decay"):
-        v = getattr(pl, key)
-        _need(0 <= v <= 1, f"pilot.{key}", v, "in [0, 1]")
-    _need(pl.dwa_max >= 1, "pilot.dwa_max", pl.dwa_max, "at least 1")
-    _need(pl.server_lr > 0, "pilot.server_lr", pl.server_lr, "positive")
-
-
-def _check_hetlora(h) -> None:
-    """hetlora.*"""
-    _need(h.penalty >= 0 and math.isfinite(h.penalty), "hetlora.penalty", h.penalty, "a non-negative number")
-    _need(0 < h.gamma < 1, "hetlora.gamma", h.gamma, "in (0, 1)")
-
-
-def _check_flora(fl) -> None:
-    """flora.*"""
-    _need(fl.alpha_per_rank >= 0 and math.isfinite(fl.alpha_per_rank), "flora.alpha_per_rank", fl.alpha_per_rank,
-          "a non-negative finite number (0 = use lora.alpha)")
-
-
-def _check_fedsvd(f) -> None:
-    """fedsvd.*"""
-    _need(f.period >= 0, "fedsvd.period", f.period, "a non-negative integer (0 = never re-factorise)")
-
-
 SECTION_CHECKS = {"model": _check_model, "lora": _check_lora, "data": _check_data, "clients": _check_clients,
                   "train": _check_train, "dp": _check_dp, "robust": _check_robust, "server": _check_server,
-                  "eval": _check_eval, "flexlora": None, "hetlora": _check_hetlora, "flora": _check_flora,
-                  "memory": _check_memory, "pilot": _check_pilot, "fedsvd": _check_fedsvd}
-"""Each section's own checks (its choices are checked for every section from the field metadata)."""
+                  "eval": _check_eval, "memory": _check_memory}
+"""The engine sections' own checks.  The sections methods own (``config_fields``) check themselves (their
+``check()``); choices are checked for every section from the field metadata."""
+
+
+def section_checks(cfg) -> dict:
+    """Every section of ``cfg`` with its check: the engine's from :data:`SECTION_CHECKS`, a method section's own
+    ``check`` method (None when it has nothing beyond its choices)."""
+    return {f.name: SECTION_CHECKS.get(f.name) or getattr(type(getattr(cfg, f.name)), "check", None)
+            for f in fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))}
 
 
 def validate(cfg) -> None:
@@ -195,9 +176,10 @@ def validate(cfg) -> None:
     _need(cfg.method in methods, "method", cfg.method, "one of " + ", ".join(methods))
     _need(cfg.rounds >= 1, "rounds", cfg.rounds, "a positive integer")
     _need(cfg.seed >= 0, "seed", cfg.seed, "a non-negative integer")
-    for name in SECTION_CHECKS:
+    checks = section_checks(cfg)
+    for name in checks:
         _check_choices(getattr(cfg, name), f"{name}.")
-    for name, check in SECTION_CHECKS.items():
+    for name, check in checks.items():
         if check is not None:
             check(getattr(cfg, name))
     lo, c = cfg.lora, cfg.clients

@@ -1,10 +1,14 @@
 """The field helper of every config section, and the sections the methods own (``[pilot]``, ``[flexlora]``,
-``[hetlora]``, ``[flora]``): each method receives only its own (``Method.config_sections``).  Plain dataclasses,
+``[hetlora]``, ``[flora]``, …): each method receives only its own (``Method.config_sections``), and each section
+checks itself (``check()``, called by :func:`fedlora.config_checks.validate`).  Plain dataclasses,
 importing no method, so :mod:`fedlora.config` can gather them without importing the methods."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from fedlora.config_checks import _need as need
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -34,6 +38,13 @@ class PilotConfig:
                    "= w = 1 for every trained layer (spatial-temporal only).")
     server_lr: float = _f(1.0, "eta_g: server step size.")
 
+    def check(self) -> None:
+        need(self.ig_examples >= 1, "pilot.ig_examples", self.ig_examples, "a positive integer")
+        for key in ("score_mix", "score_decay", "momentum_share", "momentum_decay"):
+            need(0 <= getattr(self, key) <= 1, f"pilot.{key}", getattr(self, key), "in [0, 1]")
+        need(self.dwa_max >= 1, "pilot.dwa_max", self.dwa_max, "at least 1")
+        need(self.server_lr > 0, "pilot.server_lr", self.server_lr, "positive")
+
 
 @dataclass
 class FlexLoraConfig:
@@ -52,6 +63,11 @@ class HetLoraConfig:
                         "of B (so no component dies), or 'zero' it (plain zero-padding, which no later client can "
                         "revive).", choices=("keep", "zero"))
 
+    def check(self) -> None:
+        need(self.penalty >= 0 and math.isfinite(self.penalty), "hetlora.penalty", self.penalty,
+             "a non-negative number")
+        need(0 < self.gamma < 1, "hetlora.gamma", self.gamma, "in (0, 1)")
+
 
 @dataclass
 class FloraConfig:
@@ -59,8 +75,28 @@ class FloraConfig:
                                "the stack share s = alpha_per_rank (FLoRA's code: 2); 0 = use lora.alpha for every "
                                "rank (s_k = lora.alpha / r_k).")
 
+    def check(self) -> None:
+        need(self.alpha_per_rank >= 0 and math.isfinite(self.alpha_per_rank), "flora.alpha_per_rank",
+             self.alpha_per_rank, "a non-negative finite number (0 = use lora.alpha)")
+
 
 @dataclass
 class FedSVDConfig:
     period: int = _f(1, "Re-factorise B*A by SVD after every `period` rounds (the authors' code: 1, every round); "
                      "0 = never (then FedSVD is FFA-LoRA with the server's A).")
+
+    def check(self) -> None:
+        need(self.period >= 0, "fedsvd.period", self.period, "a non-negative integer (0 = never re-factorise)")
+
+
+@dataclass
+class LoRAFAIRConfig:
+    lambda_reg: float = _f(0.01, "lambda: weight of ||dB||_F^2 in the server's refinement of B (the paper's value).")
+    lr: float = _f(0.01, "Learning rate of the server's SGD on dB (the derived code's default).")
+    steps: int = _f(1000, "At most this many SGD iterations per round (stops earlier when the loss settles).")
+
+    def check(self) -> None:
+        need(self.lambda_reg >= 0 and math.isfinite(self.lambda_reg), "lorafair.lambda_reg", self.lambda_reg,
+             "non-negative")
+        need(self.lr > 0 and math.isfinite(self.lr), "lorafair.lr", self.lr, "a positive finite number")
+        need(self.steps >= 1, "lorafair.steps", self.steps, "a positive integer")

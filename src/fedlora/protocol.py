@@ -110,8 +110,9 @@ class FederationSpec:
 
     def ranks_of(self, plan: ClientPlan) -> dict[str, int]:
         """The per-module ranks a client trains at in one round: the plan's own (a method that changes a client's
-        ranks between rounds, as HetLoRA's pruning does) or else the client's configured ranks.  The one place a
-        client's ranks are looked up: the engines, the methods and the robust wrapper all ask here."""
+        ranks between rounds, as HetLoRA's pruning does) or else the client's configured ranks (``client_ranks``,
+        resolved once by the engine from ``lora.*``).  The engines and the robust wrapper look a plan's ranks up
+        here; a method making plans reads ``client_ranks`` (the configured ones) or its own state."""
         return plan.ranks or self.client_ranks[plan.client_id]
 
     def global_ranks(self) -> dict[str, int]:

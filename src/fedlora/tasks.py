@@ -43,6 +43,8 @@ class Classification(ClassificationTask):
     task_type: ClassVar[str] = "SEQ_CLS"
     headline: ClassVar[str] = "accuracy"
     headline_label: ClassVar[str] = "validation accuracy"
+    round_fields: ClassVar[tuple[tuple[str, str], ...]] = (("accuracy", "val acc"),)
+    """Metrics the round's console line shows, with their labels."""
 
     def check_partition(self, cfg) -> None:
         """Any partition works: labels are known for every row."""
@@ -91,6 +93,8 @@ class Instruction(InstructionTask):
     task_type: ClassVar[str] = "CAUSAL_LM"
     headline: ClassVar[str] = "rougeL"
     headline_label: ClassVar[str] = "rougeL"
+    round_fields: ClassVar[tuple[tuple[str, str], ...]] = (("rougeL_teacher_forced", "unseen rougeL-tf"),
+                                                           ("rougeL", "rougeL"))
 
     def check_partition(self, cfg) -> None:
         if cfg.clients.partition != "by_task":

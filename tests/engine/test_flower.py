@@ -77,6 +77,7 @@ def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.flower_sim
 @pytest.mark.parametrize("method", available_methods())
 def test_simulation_runtime_gives_the_in_process_adapter(tmp_path, method, toy_model_dir):
     """Table-driven over every registered method (with its ``minimal_overrides``, on the toy model except

@@ -46,27 +46,16 @@ def test_every_registered_method_runs_a_round_and_exports_a_peft_adapter(name, t
     assert any(float(p.abs().max()) > 0 for k, p in personal.named_parameters() if "lora_B" in k), "no B moved"
 
 
-PLUGIN = '''
-from fedlora.adapters import ROLE_A, ROLE_B
-from fedlora.methods.base import ClientPlan, Method
+def _documented_plugin() -> str:
+    """The plugin example of docs/architecture.md ("From another package"), exactly as documented."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "architecture.md").read_text(encoding="utf-8")
+    start = doc.index("# my_fedlora_methods/halfstep.py")
+    return doc[start:doc.index("```", start)]
 
 
-class HalfStep(Method):
-    """FedIT whose server moves only half-way to the clients' average."""
-
-    name = "halfstep"
-    summary = "FedAvg of both factors, half a step (a plugin example)."
-
-    def configure(self, round_idx, state, client_ids):
-        roles = frozenset({ROLE_A, ROLE_B}) | self.head_roles()
-        return [ClientPlan(c, state.adapter.to_flat(roles), train=roles, upload=roles) for c in client_ids]
-
-    def aggregate(self, round_idx, state, updates):
-        new = self.average(state, updates)
-        old = state.adapter.to_flat()
-        return type(state)(state.adapter.with_tensors(
-            {k: 0.5 * (old[k] + v) for k, v in new.adapter.to_flat().items()}), state.extra)
-'''
+PLUGIN = _documented_plugin()
 
 
 def test_a_method_registered_through_an_entry_point_runs(tmp_path, monkeypatch, toy_model_dir):

@@ -237,7 +237,7 @@ def test_a_fedra_client_runs_only_its_drawn_blocks_and_changes_only_their_lora(e
     ran: list[int] = []
     hooks = [blk.register_forward_hook(lambda m, i, o, j=j: ran.append(j)) for j, blk in enumerate(full)]
     try:
-        blob, update = client_work(engine, plan, 1, method)
+        blob, update, _ = client_work(engine, plan, 1, method)
     finally:
         for h in hooks:
             h.remove()

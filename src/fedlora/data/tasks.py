@@ -6,6 +6,8 @@ row number.
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +23,8 @@ from fedlora.errors import DataError
 class Examples:
     """Tokenised examples of variable length; :meth:`batch` pads a subset dynamically."""
 
+    loss_is_mean_over_examples: ClassVar[bool] = True
+    """The step's loss is a mean of per-example losses, so micro-batches may be regrouped (by length) exactly."""
     input_ids: list[list[int]]
     token_type_ids: list[list[int]] | None
     labels: Tensor

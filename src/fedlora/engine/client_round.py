@@ -12,7 +12,6 @@ from fedlora.adapters import Adapter
 from fedlora.client import train_client
 from fedlora.engine.runtime import Engine
 from fedlora.errors import UpdateError
-from fedlora.layers import modules_of
 from fedlora.methods.base import ClientContext, ClientPlan, Method, Update
 
 
@@ -82,8 +81,7 @@ def receive_upload(eng: Engine, plan, blob: bytes, update: Update, out: RoundUpd
     if privacy is not None and update.metrics.get("steps"):
         accountant.step(plan.client_id, privacy.noise_multiplier, privacy.sample_rate, int(update.metrics["steps"]))
     ranks = eng.spec.ranks_of(plan)
-    if update.report.get("layers") is not None and plan.modules is None:  # the client chose its layers
-        plan = dataclasses.replace(plan, modules=modules_of(update.report["layers"], eng.spec.layer_groups))
+    plan = method.plan_as_trained(plan, update.report)  # e.g. the layers a Fed-piLot client chose itself
     received, reason = _receive(blob, plan, eng.template_for(ranks), cfg)
     if reason is not None:
         out.dropped[plan.client_id] = reason

@@ -123,7 +123,7 @@ def _run(cfg: ExperimentConfig, out_dir, progress: bool, log, resume: bool, coll
         train_roles = plans[0].train if plans else train_roles
         stream = plans = None  # the round's downloads are not kept past it
         release_freed_memory()
-        row = _round_row(t, received, prepared, accountant, cfg)
+        row = _round_row(t, received, prepared, accountant, cfg, method)
         if t % cfg.eval.every == 0 or t == cfg.rounds:
             generate = t == cfg.rounds or (cfg.eval.generate_every > 0 and t % cfg.eval.generate_every == 0)
             row.update(evaluate_global(eng, method, state, generate))
@@ -138,7 +138,7 @@ def _run(cfg: ExperimentConfig, out_dir, progress: bool, log, resume: bool, coll
         fault_point("metrics", t)
         metrics.append(row)
         plot_run(metrics.rows, run_dir / "metrics.png", title=f"{cfg.method} · {cfg.model.name}")
-        log(_round_line(row, cfg))
+        log(_round_line(row, cfg, prepared.task))
 
     final = method.export_adapter(state)
     export_adapter(eng, method, state, final, run_dir)
@@ -192,7 +192,7 @@ def evaluate_in_process(t, state, eng, method) -> dict:
     return personal_scores(eng, method, state, eng.client_states.get)
 
 
-def _round_row(t, received: RoundUpdates, prepared, accountant, cfg) -> dict:
+def _round_row(t, received: RoundUpdates, prepared, accountant, cfg, method) -> dict:
     updates = received.updates
     trained = [u for u in updates if not u.metrics.get("skipped") and "loss" in u.metrics]  # none under DP
     n = sum(u.num_examples for u in trained)
@@ -206,10 +206,12 @@ def _round_row(t, received: RoundUpdates, prepared, accountant, cfg) -> dict:
         row["missing"] = received.missing
     if received.norms:
         row["update_norm"] = received.norms
-    for key in ("layers", "memory_predicted_mb", "memory_measured_mb", "state_restarted"):
+    columns = {**method.report_columns, **({"state_restarted": "state_restarted_per_client"}
+                                            if method.personal_roles() else {})}
+    for key, column in columns.items():
         per = {k: r[key] for k, r in received.reports.items() if key in r}
         if per:
-            row[f"{key}_per_client" if key != "layers" else "layers_trained"] = per
+            row[column] = per
     if cfg.dp.enabled:
         eps = {k: accountant.epsilon(k, cfg.dp.delta) for k in range(len(prepared.clients))}
         row["epsilon"] = max(eps.values())
@@ -218,17 +220,14 @@ def _round_row(t, received: RoundUpdates, prepared, accountant, cfg) -> dict:
     return row
 
 
-def _round_line(row: dict, cfg) -> str:
+def _round_line(row: dict, cfg, task) -> str:
     parts = [f"round {row['round']:>3}/{cfg.rounds}", f"loss {row['loss']:.4f}" if row["loss"] is not None else ""]
-    if row.get("accuracy") is not None:
-        parts.append(f"val acc {row['accuracy']:.4f}")
-    personal = [k for k in row if k.startswith("personal_") and k.endswith("_mean") and row[k] is not None]
-    if personal:
-        parts.append(f"personal {row[personal[0]]:.4f}")
-    if row.get("rougeL_teacher_forced") is not None:
-        parts.append(f"unseen rougeL-tf {row['rougeL_teacher_forced']:.4f}")
-    if row.get("rougeL") is not None:
-        parts.append(f"rougeL {row['rougeL']:.4f}")
+    for key, label in task.round_fields:  # the task's scores, as it names them
+        if row.get(key) is not None:
+            parts.append(f"{label} {row[key]:.4f}")
+    personal = f"personal_{task.client_metric}_mean"
+    if row.get(personal) is not None:
+        parts.append(f"personal {row[personal]:.4f}")
     parts.append(f"up {row['upload_bytes'] / 1e3:.1f} kB  down {row['download_bytes'] / 1e3:.1f} kB")
     if row.get("epsilon") is not None:
         parts.append(f"eps {row['epsilon']:.2f}")

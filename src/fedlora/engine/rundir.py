@@ -15,6 +15,7 @@ from fedlora.engine.prepare import Prepared
 from fedlora.engine.runtime import Engine, adapter_fits
 from fedlora.errors import ConfigError
 from fedlora.methods.base import FederationSpec, ServerState
+from fedlora.lora import save_default_adapter
 from fedlora.models import ADAPTER_INFO, adapter_info, export_peft_adapter, resolve_model_path
 from fedlora.ranks import describe_config
 
@@ -97,7 +98,7 @@ def export_adapter(eng: Engine, method, state: ServerState, final: Adapter, run_
     shutil.rmtree(tmp, ignore_errors=True)
     if adapter_fits(final, eng.default_ranks) and method.base_delta(state) is None:
         eng.pool.slots(eng.default_ranks).load(final)
-        eng.model.save_pretrained(str(tmp), selected_adapters=["default"])
+        save_default_adapter(eng.model, tmp)
     else:
         export_peft_adapter(final, eng.prepared.cfg.lora, eng.task_type,
                             resolve_model_path(eng.prepared.cfg.model.name, eng.prepared.cfg.model), tmp)

@@ -39,11 +39,16 @@ class Engine:
     client_train: object
     client_val: object
     global_val: object
-    default_ranks: dict[str, int]
     client_states: object = None
     """In-process engine: what clients keep between rounds (:class:`fedlora.engine.client_state.ClientStates`)."""
     _initial_cache: dict = field(default_factory=dict)
     _templates: dict = field(default_factory=dict)
+
+    @property
+    def default_ranks(self) -> dict[str, int]:
+        """Per module, the largest rank any client trains at: the ranks of the model's LoRA layers (from the spec,
+        the one source of the clients' ranks)."""
+        return self.spec.global_ranks()
 
     def initial_for(self, ranks: dict[str, int], seed: int | None) -> Adapter:
         """The fresh initial adapter at these ranks (seeded), cached most-recently-used first within
@@ -101,8 +106,7 @@ def build_engine(prepared: Prepared, log=print) -> Engine:
         _attach_memory_model(spec, model, prepared, task_type, log)
     client_train, client_val, global_val = task.client_examples(tokenizer, prepared, cfg.model.max_length)
     base = BaseWeights(model, WeightFile.of_model(resolve_model_path(cfg.model.name, cfg.model)))
-    return Engine(prepared, tokenizer, model, pool, base, spec, task_type, client_train, client_val,
-                  global_val, global_ranks)
+    return Engine(prepared, tokenizer, model, pool, base, spec, task_type, client_train, client_val, global_val)
 
 
 def _attach_memory_model(spec: FederationSpec, model, prepared: Prepared, task_type: str, log) -> None:
@@ -127,7 +131,7 @@ def _attach_memory_model(spec: FederationSpec, model, prepared: Prepared, task_t
     if cfg.memory.calibrate:
         log("calibrating the memory model: profiling two training steps in child processes")
         profile = dict(model=cfg.model.name, cache_dir=cfg.model.cache_dir,
-                       task=cfg.data.task,
+                       task_type=task_type,
                        num_labels=getattr(prepared.task, "num_labels", 2),
                        rank=max(ranks.values()),  # the ranks the clients train at (spec), not lora.rank
                        alpha=cfg.lora.alpha,

@@ -112,6 +112,10 @@ class Method(ABC):
     """True when the server folds each upload into an accumulator as it arrives (:meth:`begin`, :meth:`accumulate`,
     :meth:`finish`) instead of holding every update until :meth:`aggregate`."""
 
+    report_columns: ClassVar[dict[str, str]] = {}
+    """Client report entries the round's metrics show per client: report key → metrics column (layer methods:
+    ``{"layers": "layers_trained", …}``)."""
+
     config_sections: ClassVar[tuple[str, ...]] = ()
     """The experiment config sections this method owns (``hetlora``, ``pilot``, …): all it receives of them."""
 
@@ -188,6 +192,11 @@ class Method(ABC):
     def average(self, state: ServerState, updates: list[Update]) -> ServerState:
         """:func:`average_uploaded` with this method's tensor merge and the run's ``server`` optimiser."""
         return average_uploaded(state, updates, self.config.server, self.merge_tensor)
+
+    def plan_as_trained(self, plan: ClientPlan, report: dict[str, Any]) -> ClientPlan:
+        """On the server, before an upload is checked: the plan as the client finally trained it, from what it
+        reported (Fed-piLot: the layers its own knapsack chose).  Default: the plan as sent."""
+        return plan
 
     def admit(self, plan: ClientPlan, tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], float | None]:
         """On the server, each accepted upload before it is kept: the tensors kept and the update norm measured

@@ -152,6 +152,7 @@ def _drawn_only(plan) -> dict:
 @register
 class RandK(LayerAssignment):
     name = "randk"
+    citation = "a baseline of Zhang et al., Fed-piLot (2024): random layers within the budget"
     summary = ("Random-k baseline: each client trains a random set of LoRA layers that fits its memory budget inside "
                "the full-depth model (every block runs), every round.")
 
@@ -173,6 +174,7 @@ class RandK(LayerAssignment):
 @register
 class TopK(LayerAssignment):
     name = "topk"
+    citation = "a baseline of Zhang et al., Fed-piLot (2024): the last layers that fit the budget"
     summary = "Top-k baseline: each client trains the last LoRA layers that fit its memory budget."
 
     def choose(self, round_idx, state, cid):

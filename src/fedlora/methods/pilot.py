@@ -38,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -219,6 +219,8 @@ class LayerAssignment(Method):
     scores_layers_by_gradient = True
     use_momentum = False
     use_dwa = False
+    report_columns = {"layers": "layers_trained", **{k: f"{k}_per_client" for k in ("memory_predicted_mb",
+                                                                                     "memory_measured_mb")}}
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -243,6 +245,11 @@ class LayerAssignment(Method):
             report["layers"] = sorted({block_index(m) for m in plan.modules})
             report["memory_predicted_mb"] = self.predicted_memory(plan, report["layers"]) / 1e6
         return plan, report
+
+    def plan_as_trained(self, plan: ClientPlan, report: dict) -> ClientPlan:
+        """A client that chose its own layers (Fed-piLot) trained and uploaded those layers' modules."""
+        chose = report.get("layers") is not None and plan.modules is None
+        return replace(plan, modules=modules_of(report["layers"], self.spec.layer_groups)) if chose else plan
 
     @contextlib.contextmanager
     def training_scope(self, ctx: ClientContext, plan: ClientPlan, report: dict):
