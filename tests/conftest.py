@@ -51,7 +51,7 @@ def tiny_bert(num_labels=2, seed=0):
 
 
 class QuadData:
-    """Regression rows for the quadratic oracle L = ½‖(W0 + sBA)x − y‖² (algorithms.md O8)."""
+    """Regression rows for the quadratic oracle L = ½‖(W0 + sBA)x − y‖² (oracle O8, docs/oracles.md)."""
 
     def __init__(self, X: torch.Tensor, Y: torch.Tensor):
         self.X, self.Y = X, Y

@@ -25,7 +25,7 @@ def test_seeded_A_is_reproducible_per_module_and_kaiming_uniform():
     assert not torch.equal(a1, seeded_lora_A("layer.0.query", 8, 384, seed=4))
     bound = 1 / math.sqrt(384)
     assert a1.abs().max() <= bound and a1.abs().max() > 0.9 * bound
-    # Var of U(-b, b) is b²/3 = 1/(3·d_in) (algorithms.md §0.3)
+    # Var of U(-b, b) is b²/3 = 1/(3·d_in) (PEFT's default init; docs/methods.md §3)
     assert abs(a1.var().item() - 1 / (3 * 384)) < 0.1 / (3 * 384)
 
 

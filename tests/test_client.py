@@ -1,4 +1,5 @@
-"""Local training: trainable set (O5), FFA step formula (O8), α/η equivalence (O7), DP-SGD clipping and noise (O9)."""
+"""Local training: trainable set (O5), FFA step formula (O8), α/η equivalence (O7), DP-SGD clipping and noise (O9);
+the oracles are in docs/oracles.md."""
 import types
 
 import numpy as np

@@ -1,5 +1,5 @@
 """Fed-piLot layer assignment (fedlora.knapsack): exact DP vs brute force, rounding, position-aware costs, tie-breaking
-and the top-k baseline (algorithms.md §3.3 steps 1 and 3; oracles O24–O26)."""
+and the top-k baseline (docs/methods.md §14; oracles O24–O26 of docs/oracles.md)."""
 import math
 import random
 

@@ -1,5 +1,5 @@
 """Heterogeneous-rank LoRA linear algebra (fedlora.lowrank): factored vs dense SVD, FlexLoRA redistribution,
-HetLoRA padding and weights, FLoRA stacking (algorithms.md §2, §4.2, §4.3; oracles O11–O15, O18–O20)."""
+HetLoRA padding and weights, FLoRA stacking (docs/methods.md §10–12; oracles O11–O15, O18–O20 of docs/oracles.md)."""
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
-"""Models: LoRA injection, zero-init identity (oracle O1), slots that swap adapters exactly, clear errors."""
+"""Models: LoRA injection, zero-init identity (oracle O1, docs/oracles.md), slots that swap adapters exactly, clear
+errors."""
 
 import types
 

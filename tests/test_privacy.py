@@ -1,4 +1,5 @@
-"""DP accounting (oracle O10) and the budget checks that refuse impossible configs before work starts."""
+"""DP accounting (oracle O10, docs/oracles.md) and the budget checks that refuse impossible configs before work
+starts."""
 import types
 
 import pytest

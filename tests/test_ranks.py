@@ -1,4 +1,5 @@
-"""Client resource distributions (FlexLoRA §2.3, oracle O17) and per-module rank assignment."""
+"""Client resource distributions (FlexLoRA, docs/methods.md §9; oracle O17, docs/oracles.md) and per-module rank
+assignment."""
 import math
 
 import pytest

@@ -1,4 +1,5 @@
-"""Wire format: safetensors bytes, measured traffic (oracle O30) and validation of arriving payloads."""
+"""Wire format: safetensors bytes, measured traffic (oracle O30, docs/oracles.md) and validation of arriving
+payloads."""
 import json
 import struct
 

@@ -2,8 +2,9 @@
 to and from PEFT).
 
 Per target module we keep the factors ``A (r × d_in)`` and ``B (d_out × r)`` and ``alpha``; the update the module
-adds to its frozen weight is ``ΔW = s·B·A`` with ``s = alpha / r`` (algorithms.md §0.3).  Task-head tensors (for
-example a sequence classifier trained through PEFT's ``modules_to_save``) travel beside the factors.
+adds to its frozen weight is ``ΔW = s·B·A`` with ``s = alpha / r`` (Hu et al., ICLR 2022; docs/methods.md §1).
+Task-head tensors (for example a sequence classifier trained through PEFT's ``modules_to_save``) travel beside the
+factors.
 
 *Flat keys* are PEFT's adapter state-dict keys without the ``base_model.model.`` prefix:
 ``bert.encoder.layer.0.attention.self.query.lora_A.weight`` and ``classifier.weight``.  They are the names used on
@@ -130,7 +131,8 @@ def _check_shape(key: str, ours: Tensor, theirs: Tensor) -> None:
 
 def seeded_lora_A(module_name: str, rank: int, d_in: int, seed: int, dtype: torch.dtype = torch.float32) -> Tensor:
     """PEFT's default LoRA-A init (Kaiming-uniform, a=√5 ⇒ U(−1/√d_in, 1/√d_in)), drawn from a generator seeded by
-    ``(seed, module_name)``, so every client regenerates the identical A without it being sent (FFA-LoRA §1.2 step 1).
+    ``(seed, module_name)``, so every client regenerates the identical A without it being sent (FFA-LoRA,
+    docs/methods.md §3).
     """
     gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{module_name}".encode()) + 1_000_003 * seed)
     bound = 1.0 / math.sqrt(d_in)

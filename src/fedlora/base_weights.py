@@ -86,7 +86,7 @@ class WeightFile:
 class BaseWeights:
     """Exact control of the frozen weights of the LoRA-wrapped modules: ``W = W0 + delta``.
 
-    FLoRA merges every round's stacked update into the base (algorithms.md §4.3), and a global adapter whose ranks
+    FLoRA merges every round's stacked update into the base (docs/methods.md §12), and a global adapter whose ranks
     differ from every client's (FlexLoRA's full-size ΔW) is evaluated merged.  Every :meth:`set` rewrites a touched
     module as ``W0 + delta`` from the pristine ``W0``, so no rounding accumulates over rounds and a resumed run sees
     bit-identical weights.  ``W0`` is read back from the model's safetensors file (``source``) when the file holds

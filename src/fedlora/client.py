@@ -1,8 +1,9 @@
 """Local training of one client for one round: trainable set, optimiser, optional DP-SGD; returns an Update.
 
 Only the parameters whose role is in ``plan.train`` require gradients and only they are given to the optimiser
-(FFA-LoRA oracle O5).  Under DP the model is wrapped, for this client only, in Opacus' ``GradSampleModule`` and the
-optimiser in ``DPOptimizer`` (:mod:`fedlora.dpsgd`); the hooks are removed before the next client.
+(FFA-LoRA oracle O5, docs/oracles.md).  Under DP the model is wrapped, for this client only, in Opacus'
+``GradSampleModule`` and the optimiser in ``DPOptimizer`` (:mod:`fedlora.dpsgd`); the hooks are removed before the
+next client.
 """
 from __future__ import annotations
 

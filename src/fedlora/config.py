@@ -24,8 +24,8 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 from fedlora.config_checks import validate
-from fedlora.config_fields import (FedSVDConfig, FlexLoraConfig, FloraConfig, HetLoraConfig, LoRAFAIRConfig,
-                                   PilotConfig, _f)
+from fedlora.config_fields import (FedExConfig, FedSVDConfig, FlexLoraConfig, FloraConfig, HetLoraConfig,
+                                   LoRAFAIRConfig, PilotConfig, _f)
 from fedlora.errors import ConfigError
 
 
@@ -50,7 +50,7 @@ class ModelConfig:
 @dataclass
 class LoraConfig:
     rank: int = _f(8, "LoRA rank r.")
-    alpha: float = _f(16.0, "LoRA alpha; the scaling is s = alpha / rank (algorithms.md §1.5 P2).")
+    alpha: float = _f(16.0, "LoRA alpha; the scaling is s = alpha / rank (choice P2, docs/oracles.md).")
     dropout: float = _f(0.0, "Dropout on the LoRA input.")
     target_modules: list = _f(["query", "value"], "Names (suffixes) of the linear modules that get LoRA.")
     head: str = _f("aggregate", "Task head: 'aggregate' (trained and averaged) or 'frozen' (kept at its seeded init).",
@@ -216,6 +216,7 @@ class ExperimentConfig:
     flexlora: FlexLoraConfig = field(default_factory=FlexLoraConfig)
     hetlora: HetLoraConfig = field(default_factory=HetLoraConfig)
     flora: FloraConfig = field(default_factory=FloraConfig)
+    fedex: FedExConfig = field(default_factory=FedExConfig)
     fedsvd: FedSVDConfig = field(default_factory=FedSVDConfig)
     lorafair: LoRAFAIRConfig = field(default_factory=LoRAFAIRConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)

@@ -100,3 +100,11 @@ class LoRAFAIRConfig:
              "non-negative")
         need(self.lr > 0 and math.isfinite(self.lr), "lorafair.lr", self.lr, "a positive finite number")
         need(self.steps >= 1, "lorafair.steps", self.steps, "a positive integer")
+
+
+@dataclass
+class FedExConfig:
+    residual: str = _f("dense", "How a client that took part in the previous round receives that round's residual: "
+                       "'dense' (one d_out x d_in matrix per module; only the aggregate is seen) or 'factors' (the "
+                       "low-rank stack of the participants' scaled factors while it is the smaller: fewer bytes for "
+                       "few clients, but each participant's own factors are seen).", choices=("dense", "factors"))

@@ -2,7 +2,7 @@
 loop has no privacy branch (Opacus' ``make_private`` idea: the private model and optimiser are returned together and
 their hooks are closed when the client is done).
 
-DP-SGD here (algorithms.md §1.2 step 3): the shared model is wrapped for this client only in Opacus'
+DP-SGD here (Abadi et al., CCS 2016; docs/methods.md §4): the shared model is wrapped for this client only in Opacus'
 ``GradSampleModule`` (exact per-example gradients of each micro-batch's mean loss) and the optimiser in
 ``DPOptimizer`` (clip each example's flat gradient to ``C``, add ``N(0, σ²C²)`` to the sum, divide by the expected
 batch size).  Several micro-batches form one logical Poisson batch: their per-example gradients are concatenated

@@ -1,8 +1,8 @@
-"""Fed-piLot layer assignment as a 0/1 knapsack (docs/methods.md §14; oracles O24–O26). Pure Python.
+"""Fed-piLot layer assignment as a 0/1 knapsack (docs/methods.md §14; oracles O24–O26 of docs/oracles.md). Pure Python.
 
 Each client trains the subset of LoRA layers that maximises ``Σ_j m_j v_j`` (``v_j`` the combined IG-Score) subject
-to its memory budget.  The solver, the rounding and the tie-breaking are a PROPOSAL (the paper's solver is
-[NOT FOUND]): exact dynamic programming over a capacity discretised to a unit ``u``, with every cost rounded *up* and
+to its memory budget.  The solver, the rounding and the tie-breaking are a PROPOSAL (the paper does not give its
+solver): exact dynamic programming over a capacity discretised to a unit ``u``, with every cost rounded *up* and
 the capacity rounded *down* so that every answer is feasible at the true costs (O25).  Rounding uses exact rational
 arithmetic on the floats given, and reported costs are correctly rounded sums (``math.fsum``), so
 ``Assignment.cost <= capacity`` holds exactly.

@@ -1,5 +1,5 @@
 """LoRA *layers* for layer-assignment methods (Fed-piLot, FedRA): one layer = the LoRA modules of one transformer
-block (algorithms.md §3.6, "layer granularity": the block, as the Fed-HeLLo code indexes by block number).
+block (our choice, docs/methods.md §14: the Fed-piLot paper does not say; the Fed-HeLLo code indexes by block number).
 
 Block indices are read from module names (``bert.encoder.layer.3.attention.self.query`` -> 3,
 ``model.layers.12.self_attn.q_proj`` -> 12): the first dotted component that is an integer.

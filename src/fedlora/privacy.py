@@ -1,4 +1,4 @@
-"""Per-client sample-level DP-SGD with Opacus, and its accounting (algorithms.md §1.2 step 3, §1.5 P4).
+"""Per-client sample-level DP-SGD with Opacus, and its accounting (docs/methods.md §4; choice P4, docs/oracles.md).
 
 Each client clips every per-example gradient — one flat norm over *all* its trainable tensors — to ``C``, adds
 ``N(0, σ²C²)`` to the sum and divides by the expected batch size.  Batches are Poisson samples with rate

@@ -1,10 +1,10 @@
 """Heterogeneous client resources: which LoRA rank each client uses on each target module.
 
-FlexLoRA (algorithms.md §2.2–2.3) draws one *configuration type* per client before training from a resource
-distribution; a type gives one rank to the attention modules and one to the MLP modules.  The four types, in the
-paper's Table 1 order, are r8, r30, r30/200 (attention/MLP) and r200; ``lora.rank_types`` holds them (scale them to
-the model: FlexLoRA's ranks are for a 2048-wide LLaMA).  The distributions follow the official code, not its README
-(80 %, not 85 %, for the heavy tails):
+FlexLoRA (Bai et al., NeurIPS 2024; docs/methods.md §9) draws one *configuration type* per client before training
+from a resource distribution; a type gives one rank to the attention modules and one to the MLP modules.  The four
+types, in the paper's Table 1 order, are r8, r30, r30/200 (attention/MLP) and r200; ``lora.rank_types`` holds them
+(scale them to the model: FlexLoRA's ranks are for a 2048-wide LLaMA).  The distributions follow the official code,
+not its README (80 %, not 85 %, for the heavy tails):
 
 * ``uniform``: each type with probability 1/4;
 * ``heavy_tail_light``: 80 % r8, 5 % r30, 5 % r30/200, 10 % r200;
@@ -27,7 +27,8 @@ RankConfig = tuple[int, int]  # (attention rank, MLP rank)
 
 
 def normal_type_probabilities(mu: float = 1.5, sigma: float = 0.7) -> tuple[float, ...]:
-    """FlexLoRA's ``normal`` distribution: the Gaussian density at positions 0..3, normalised (oracle O17)."""
+    """FlexLoRA's ``normal`` distribution: the Gaussian density at positions 0..3, normalised (oracle O17,
+    docs/oracles.md)."""
     dens = [math.exp(-0.5 * ((i - mu) / sigma) ** 2) for i in range(4)]
     total = sum(dens)
     return tuple(d / total for d in dens)

@@ -1,7 +1,8 @@
 """The wire format: safetensors bytes (never pickle), byte counting, and validation of incoming updates.
 
 Every payload that crosses between server and client, in any engine, goes through :func:`encode` and
-:func:`decode`; communication is the length of those bytes, measured, not a formula (algorithms.md §5, O30).
+:func:`decode`; communication is the length of those bytes, measured, not a formula (docs/methods.md §6;
+oracle O30, docs/oracles.md).
 """
 from __future__ import annotations
 

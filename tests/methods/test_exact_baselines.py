@@ -1,4 +1,5 @@
-"""Oracles of the exact-aggregation baselines (FedEx-LoRA, RoLoRA, FedSVD) in float64 against hand computations.
+"""Oracles of the exact-aggregation baselines (FedEx-LoRA, RoLoRA, FedSVD, LoRA-FAIR) in float64 against hand
+computations.
 
 The inputs are the ones a transcription of each method's official server code was run on (3 clients of 10, 20 and
 30 examples, one 4×3 module at rank 2, alpha 4, tensors from ``torch.manual_seed(0)``); the expected numbers below
@@ -46,7 +47,7 @@ def _fedex_inputs():
 def test_fedex_folds_the_exact_residual_into_the_base():
     As, Bs = _fedex_inputs()
     assert As[0][0, 0].item() == pytest.approx(1.5409961082440433, abs=1e-15)  # the transcription's inputs
-    method = get_method("fedex")(_cfg(), _spec())
+    method = get_method("fedex")(_cfg(fedex=types.SimpleNamespace(residual="factors")), _spec())
     state = method.init_state(_state(torch.zeros(2, 3, dtype=torch.float64),
                                      torch.zeros(4, 2, dtype=torch.float64)).adapter)
     ups = _updates([{"m.lora_A.weight": A, "m.lora_B.weight": B} for A, B in zip(As, Bs)])
@@ -65,11 +66,27 @@ def test_fedex_folds_the_exact_residual_into_the_base():
     torch.testing.assert_close(offset + 2.0 * m.B @ m.A, exact, rtol=0, atol=1e-14)
     # the next round: a participant downloads the increment, a newcomer the whole offset
     plans = method.configure(2, new, [0, 2])
-    assert set(plans[0].merge) == {"m.stack_B", "m.stack_A"}
+    assert set(plans[0].merge) == {"m.step"}  # "factors" on a 4×3 module: the dense increment is the smaller
     assert method.client_base(plans[0].merge, {"m": torch.zeros(4, 3, dtype=torch.float64)})["m"].equal(offset)
     new2 = method.aggregate(2, new, ups[:1])
     late = method.configure(3, new2, [1])[0]
     assert set(late.merge) == {"m.delta"} and late.merge["m.delta"].equal(method.base_delta(new2)["m"])
+    # on a wide module the factors are smaller, and travel as the stack; the client's base is still the server's
+    wide = ServerState(state.adapter, {"participants": [0], "stack_B/m": torch.randn(64, 8, dtype=torch.float64),
+                                       "stack_A/m": torch.randn(8, 64, dtype=torch.float64)})
+    merge = method.merge_for(wide, 0)
+    assert set(merge) == {"m.stack_B", "m.stack_A"}
+    assert method.client_base(merge, {"m": torch.zeros(64, 64, dtype=torch.float64)})["m"].equal(
+        wide.extra["stack_B/m"] @ wide.extra["stack_A/m"])
+    # an empty round (no accepted update) clears the increment: nobody applies a round's residual twice
+    empty = method.aggregate(3, new, [])
+    assert empty.extra["participants"] == [] and not any(k.startswith("stack_") for k in empty.extra)
+    assert set(method.configure(4, empty, [0])[0].merge) == {"m.delta"}
+    # the default ships the residual dense: only the aggregate is seen, and the client's base is the server's
+    dense = get_method("fedex")(_cfg(fedex=types.SimpleNamespace(residual="dense")), _spec())
+    plan = dense.configure(2, new, [0])[0]
+    assert set(plan.merge) == {"m.step"}
+    assert dense.client_base(plan.merge, {"m": torch.zeros(4, 3, dtype=torch.float64)})["m"].equal(offset)
     # the export holds the whole update as one adapter
     export = method.export_adapter(new).modules["m"]
     torch.testing.assert_close(export.scale * export.B @ export.A, exact, rtol=0, atol=1e-12)

@@ -1,4 +1,4 @@
-"""FedIT: data-weighted FedAvg of each factor (algorithms.md §4.1) and its inexactness (oracle O3)."""
+"""FedIT: data-weighted FedAvg of each factor (docs/methods.md §2) and its inexactness (oracle O3, docs/oracles.md)."""
 import types
 
 import pytest

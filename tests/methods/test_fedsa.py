@@ -71,3 +71,17 @@ def test_fedsa_runs_keeps_personal_state_and_resumes_exactly(tmp_path, toy_model
     resumed = _state_files(cut)
     assert resumed.keys() == states.keys()
     assert all(torch.equal(resumed[f][k], states[f][k]) for f in states for k in states[f])
+
+
+def test_fedsa_refuses_runs_whose_result_would_be_the_base_model():
+    """Under DP (or with eval.per_client = false) no client's own model can be scored, and the global part alone is
+    the base model: refused before any work, with the reason."""
+    import pytest
+
+    from fedlora.config import load_config
+    from fedlora.engine.simulation import prepare
+    from fedlora.errors import ConfigError
+
+    for extra in (["dp.enabled=true", "dp.epsilon=3"], ["eval.per_client=false"]):
+        with pytest.raises(ConfigError, match="personalised"):
+            prepare(load_config(None, ["method=fedsa", *extra]))

@@ -1,4 +1,5 @@
-"""FFA-LoRA (algorithms.md §1): only B travels, aggregation is exact (O4), half the parameters (O6)."""
+"""FFA-LoRA (docs/methods.md §3): only B travels, aggregation is exact (O4), half the parameters (O6); the oracles
+are in docs/oracles.md."""
 import types
 
 import pytest
@@ -67,7 +68,7 @@ def test_aggregate_refuses_clients_with_a_different_A():
 
 
 def test_O6_parameter_count_is_half_of_fedit_for_square_modules():
-    # RoBERTa-large q,v at r=8: 24 layers × 2 modules of 1024×1024 (algorithms.md §1.4)
+    # RoBERTa-large q,v at r=8: 24 layers × 2 modules of 1024×1024 (the FFA-LoRA paper's GLUE model; O6)
     shapes = {f"layer.{i}.{m}": (1024, 1024) for i in range(24) for m in ("query", "value")}
     ad = initial_adapter(shapes, rank=8, alpha=16, seed=0)
     assert ad.num_parameters(("lora_B",)) == 393_216

@@ -1,7 +1,7 @@
 """FlexLoRA, HetLoRA and FLoRA as server rules over client factors of different ranks (float64, tiny shapes).
 
 Each test drives the method's public configure/aggregate with hand-made updates and checks an oracle of
-algorithms.md §6 (O11–O16, O18–O20, O30)."""
+docs/oracles.md (O11–O16, O18–O20, O30)."""
 import math
 
 import pytest
@@ -189,7 +189,7 @@ def test_flora_stacks_exactly_merges_and_restarts_fresh_O20():
     assert all(p.download == {} for p in plans)
     assert plans[0].config["init_seed"] != m.configure(3, state, [0])[0].config["init_seed"]
     assert len({p.config["init_seed"] for p in plans}) == 3  # each client its own fresh A, as FLoRA's code
-    merge = plans[0].merge
+    merge = plans[0].merge  # the round's stack, as FLoRA's paper sends it
     torch.testing.assert_close(merge["m1.stack_B"] @ merge["m1.stack_A"], delta["m1"], rtol=1e-10, atol=1e-12)
     # second round accumulates
     more = [_random_update(k, r, 5, seed=60 + k) for k, r in enumerate(ranks)]

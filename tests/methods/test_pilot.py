@@ -1,4 +1,5 @@
-"""Fed-piLot's pure parts: IG-Score masking and combination, DWA weights and STAgg (oracles O27, O28)."""
+"""Fed-piLot's pure parts: IG-Score masking and combination, DWA weights and STAgg (oracles O27, O28 of
+docs/oracles.md)."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""Causal-LM instruction tuning (FlexLoRA, algorithms.md §2): Alpaca prompts, response + EOS, Rouge-L.
+"""Causal-LM instruction tuning (FlexLoRA, docs/methods.md §13): Alpaca prompts, response + EOS, Rouge-L.
 
 Rows hold an instruction (``data.instruction_column``), an optional input (``data.input_column``) and a reference
 response (``data.output_column``).  Instructions stored once per task in a separate file (``data.instructions``, e.g.
@@ -7,8 +7,7 @@ loads; errors name the file, the row number, the column and the config key to se
 
 Each example is ``prompt + response + eos`` where the prompt is the Stanford Alpaca template.  With ``data.loss_on =
 "all"`` (FlexLoRA's ``train_on_inputs=True``) every token is a label; with ``"response"`` the prompt positions are
-masked (-100).  The loss is a mean over examples of each example's mean token NLL (Opacus needs a mean over samples;
-feasibility.md §4).
+masked (-100).  The loss is a mean over examples of each example's mean token NLL (Opacus needs a mean over samples).
 """
 from __future__ import annotations
 
@@ -244,7 +243,7 @@ class InstructionTask:
     def loss(model, batch: dict[str, Tensor]) -> Tensor:
         """Mean over examples of each example's mean token NLL over its label positions (logits[:, :-1] predict
         labels[:, 1:]); an example without label tokens contributes 0.  Computed outside the model: HF's internal
-        loss is a mean over all tokens of the batch, which Opacus cannot use (feasibility.md §4)."""
+        loss is a mean over all tokens of the batch, which Opacus cannot use."""
         device = _device(model)
         labels = batch["labels"].to(device)
         logits, start = _label_logits(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), labels)

@@ -2,7 +2,7 @@
 
 * ``iid``: uniform random split (flwr-datasets ``IidPartitioner``);
 * ``dirichlet``: per-class client proportions ~ Dir(α) (flwr-datasets ``DirichletPartitioner``);
-* ``label_skew``: FFA-LoRA's fixed label proportions (algorithms.md §1.3): binary, 3 clients
+* ``label_skew``: FFA-LoRA's fixed label proportions (Sun et al., ICLR 2024; docs/methods.md §5): binary, 3 clients
   ``[0.1,0.9], [0.9,0.1], [0.5,0.5]``; 3 classes ``0.9/0.05/0.05`` rotated.  Every client gets the same number of
   examples, the largest the class counts allow.
 

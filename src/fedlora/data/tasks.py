@@ -160,7 +160,7 @@ class ClassificationTask:
     @staticmethod
     def loss(model, batch: dict[str, Tensor]) -> Tensor:
         """Mean over examples of the per-example cross-entropy, computed outside the model (Opacus needs a mean
-        over samples; feasibility.md §4)."""
+        over samples)."""
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         logits = model(**inputs).logits
         return F.cross_entropy(logits, batch["labels"], reduction="mean")

@@ -41,7 +41,8 @@ class Prepared:
 
 
 def sample_clients(seed: int, round_idx: int, num_clients: int, fraction: float) -> list[int]:
-    """``max(⌊fraction·N⌋, 1)`` distinct clients, the same set for the same (seed, round) (oracle O29)."""
+    """``max(⌊fraction·N⌋, 1)`` distinct clients, the same set for the same (seed, round) (oracle O29,
+    docs/oracles.md)."""
     m = max(int(fraction * num_clients + 1e-9), 1)
     if m >= num_clients:
         return list(range(num_clients))

@@ -24,7 +24,7 @@ from fedlora.server_optimizer import ServerOptimizer, server_step
 
 
 def data_weights(updates: list[Update]) -> list[float]:
-    """``p_k = n_k / Σ_j n_j`` over the clients that reported this round (algorithms.md §0.3)."""
+    """``p_k = n_k / Σ_j n_j`` over the clients that reported this round (choice P5, docs/oracles.md)."""
     total = sum(u.num_examples for u in updates)
     if total <= 0:
         raise ValueError("cannot weight updates: total number of examples is 0")

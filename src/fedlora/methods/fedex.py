@@ -16,10 +16,16 @@ Our choices, against the authors' code (RaghavSinghal10/fedex-lora, ``fed_agg.py
   RoBERTa's square q/v it silently adds ``s·Rᵀ`` (inexact), on a non-square layer it fails.  We add ``s·R``.
 * **Weights** ``p_k = n_k / Σ n`` (data size) in all three averages, as our FedIT; the code averages uniformly (1/K).
   The rule is exact for any weights summing to 1, and identical on equal shards.
-* **Traffic.** The code simulates one machine and never sends the residual.  Here it travels as one low-rank increment
-  per round, ``R = [p_1 s B_1 | … | p_K s B_K | −s B̄] · [A_1; …; A_K; Ā]`` (rank ≤ (K+1)·r), which a client that took
-  part in the previous round adds to its base; a client that missed rounds downloads the whole dense offset
-  (:mod:`fedlora.methods.merged_base`, as FLoRA).  Both are counted as downlink bytes.
+* **Traffic.** The code simulates one machine and never sends the residual; a real client must hold the base the
+  server evaluates.  A client that took part in the previous round downloads that round's residual and adds it to its
+  base; a client that missed rounds downloads the whole dense offset (:mod:`fedlora.methods.merged_base`, as FLoRA);
+  both are counted as downlink bytes.  ``fedex.residual = "dense"`` (default) sends the residual as one d_out × d_in
+  matrix per module: it shows only the aggregate, as FedIT's averages do.  ``"factors"`` sends it as the low-rank
+  stack ``[p_1 s B_1 | … | p_K s B_K | −s B̄] · [A_1; …; A_K; Ā]`` (rank ≤ (K+1)·r) while that is smaller than the
+  dense matrix, i.e. while (K+1)·r·(d_in + d_out) < d_in·d_out, but it shows each participant's own scaled factors to
+  the next round's clients (under DP-SGD those are already privatised).
+* Every sampled client trains and only the round's participants form the residual (the code has every client take
+  part in every round); the head is averaged with the same data-size weights (the code: uniformly).
 * The export is one PEFT adapter holding the whole learned update ``offset + s·B̄Ā`` as exact factors (thin SVD at
   numerical rank), as for FLoRA.
 """
@@ -42,6 +48,11 @@ class FedExLoRA(MergesIntoBase):
                "Fine-Tuning of Foundation Models, NAACL 2025 (arXiv 2410.09432)"
     averages_tensors = False  # the residual needs the data-weighted products; a median has no exact residual
     own_server_step = "the residual is the exact remainder of the data-weighted mean"
+    config_sections = ("fedex",)
+
+    @property
+    def increment_form(self) -> str:
+        return "dense" if self.section("fedex").residual == "dense" else "smaller"
 
     def init_state(self, initial: Adapter) -> ServerState:
         return ServerState(initial.clone(), {"participants": []})
@@ -54,7 +65,7 @@ class FedExLoRA(MergesIntoBase):
 
     def aggregate(self, round_idx: int, state: ServerState, updates: list[Update]) -> ServerState:
         if not updates:
-            return state
+            return self.empty_round(state)
         weights = data_weights(updates)
         averaged = self.average(state, updates)  # Ā, B̄ and the head, data-weighted
         extra = self.without_stacks(state.extra)

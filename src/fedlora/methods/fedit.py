@@ -1,9 +1,9 @@
-"""FedIT / FedAvg-LoRA (Zhang et al., 2023; algorithms.md §4.1).
+"""FedIT / FedAvg-LoRA (Zhang et al., 2023; docs/methods.md §2).
 
 Every client starts from the global ``(A, B, head)``, trains all of them and uploads all of them; the server
 averages each factor separately with data-size weights: ``Ā = Σ p_k A_k``, ``B̄ = Σ p_k B_k``.  The global update
-``s·B̄Ā`` is *not* the average of the client updates ``Σ p_k s·B_k A_k`` (oracle O3) — the inexactness FFA-LoRA
-and FedEx-LoRA address.
+``s·B̄Ā`` is *not* the average of the client updates ``Σ p_k s·B_k A_k`` (oracle O3, docs/oracles.md) — the
+inexactness FFA-LoRA and FedEx-LoRA address.
 """
 from __future__ import annotations
 

@@ -17,8 +17,8 @@
   need the shortest backpropagation).
 
 All three aggregate each LoRA tensor over the clients that trained it (Fed-piLot's spatial part, no momentum, no
-dynamic weights; oracle O28).  ``memory.smallest_for_all = true`` turns any of them into the "everyone trains only
-what the smallest client can" baseline.
+dynamic weights; oracle O28, docs/oracles.md).  ``memory.smallest_for_all = true`` turns any of them into the
+"everyone trains only what the smallest client can" baseline.
 
 **FedRA here.**  Client k's row of round t's allocation matrix is a random order of the blocks (numpy generator seeded
 by ``(seed, t, k, 53)``, the same order ``randk`` uses), each block taken while the *sub-model's* predicted memory

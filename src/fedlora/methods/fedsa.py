@@ -21,7 +21,10 @@ Our choices, against the authors' code (Pengxin-Guo/FedSA-LoRA on FederatedScope
 * The code trains in fp16 with plain SGD (lr 0.02 in the config; the maintainer reports 0.005 is needed to reproduce
   Table 1); precision and optimiser here are the run's (``train.*``).
 * Personalised evaluation is off under DP, as every per-client score (docs/methods.md §7): a client's accuracy on its
-  own rows is a statistic of its data outside the privacy accounting.
+  own rows is a statistic of its data outside the privacy accounting.  Without it the run could only report the
+  global part (the base model), so FedSA-LoRA refuses DP and ``eval.per_client = false`` before any work starts.
+* The personalised mean and minimum run over every client with validation rows; one that never trained (client
+  sampling below 1) is scored with B = 0 and the initial head, as the code would.
 
 Kept tensors live with the client: a file per client in the in-process engine (``RUN_DIR/client_state/``, versioned
 so that resume is exact), the node's ``context.state`` on Flower.  A client that trained before but lost its state
@@ -40,6 +43,19 @@ class FedSALoRA(Method):
                "on each client's own validation rows).")
     citation = "Guo et al., Selective Aggregation for Low-Rank Adaptation in Federated Learning, ICLR 2025"
     accepts_server_optimizer = True
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Its result is each client's own model on its own rows; without that evaluation (under DP, or with
+        ``eval.per_client = false``) the run would report the global part alone — the base model — as its score."""
+        from fedlora.errors import ConfigError
+
+        if cfg.dp.enabled or not cfg.eval.per_client:
+            why = ("under DP a client's score on its own rows is a statistic of its data outside the privacy "
+                   "accounting, so per-client evaluation is off" if cfg.dp.enabled else "eval.per_client = false")
+            raise ConfigError(f"method 'fedsa' is personalised: its result is each client's own model scored on its "
+                              f"own validation rows, and {why}; the global part alone (A with B = 0) is the base "
+                              f"model. Run fedsa without DP and with eval.per_client = true")
 
     def personal_roles(self) -> frozenset[str]:
         return frozenset({ROLE_B}) | self.head_roles()

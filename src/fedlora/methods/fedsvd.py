@@ -1,7 +1,7 @@
 """FedSVD (Lee et al., "FedSVD: Adaptive Orthogonalization for Private Federated Learning with LoRA", NeurIPS 2025,
 arXiv 2505.12805): FFA-LoRA's B-only training, with A re-fitted by the server from the SVD of the global update.
 
-Clients freeze A and train B from the global (A, B) (under DP-SGD only B is privatised, as in FFA-LoRA).  The server
+Clients freeze A and train B (and the head) from the global (A, B); under DP-SGD those are what is privatised.  The server
 averages ``B̄ = Σ_k p_k B_k`` — exact, as A is shared — and then re-factorises the product:
 
     U Σ Vᵀ = svd(B̄ A),    A ← V_rᵀ (orthonormal rows),    B ← U_r Σ_r,
@@ -21,6 +21,9 @@ Our choices, against the authors' code (seanie12/fed-svd, ``server.py`` ``on_rou
   is trained and averaged (``lora.head``), as for every method, since our zero-initialised head (docs/methods.md §4b)
   must train.
 * Traffic: A changes every round, so unlike FFA-LoRA the download carries A and B (the upload is B only).
+* Robust rules (``robust.*``) may wrap it: the median of the B's with the one shared A is still exact before the
+  re-factorisation.  Server optimisers are refused: each round's SVD re-parameterises B, so a moment kept in B's
+  coordinates would point the wrong way.
 """
 from __future__ import annotations
 

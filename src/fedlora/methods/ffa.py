@@ -1,13 +1,14 @@
-"""FFA-LoRA: Federated Freeze-A LoRA (Sun, Li, Li, Ding; ICLR 2024; algorithms.md §1).
+"""FFA-LoRA: Federated Freeze-A LoRA (Sun, Li, Li, Ding; ICLR 2024; docs/methods.md §3).
 
 A is drawn once from the shared seed (PEFT's Kaiming-uniform init, :func:`fedlora.adapters.seeded_lora_A`), every
 client regenerates the identical A, and A is never trained nor sent.  Only the zero-initialised B (and the head, when
-``lora.head = "aggregate"``) is trained, uploaded and averaged: ``B^{t+1} = Σ_k p_k B_k`` (§1.2 step 5), which makes
-aggregation exact, ``s·B^{t+1}A = Σ_k p_k s·B_k A`` (oracle O4), and halves traffic for square modules (O6).
+``lora.head = "aggregate"``) is trained, uploaded and averaged: ``B^{t+1} = Σ_k p_k B_k``, which makes aggregation
+exact, ``s·B^{t+1}A = Σ_k p_k s·B_k A`` (oracle O4, docs/oracles.md), and halves traffic for square modules (O6).
 
-Our choices (algorithms.md §1.5): A init = PEFT default (P1); r = 8, alpha = 16 (P2); head aggregated by default (P3).
+Our choices (P1–P3 of docs/oracles.md): A init = PEFT default (P1); r = 8, alpha = 16 (P2); head aggregated by
+default (P3).
 Each client reports a checksum of the A it trained with; the server refuses a round whose clients disagree with its
-own A (§5: "assert, by checksum, that all clients' A tensors are identical").
+own A (O4 holds only when every client holds the same A).
 """
 from __future__ import annotations
 

@@ -1,12 +1,12 @@
-"""FlexLoRA (Bai, Chen, Qian, Yao, Li; NeurIPS 2024; algorithms.md §2): heterogeneous client ranks, full-size
+"""FlexLoRA (Bai, Chen, Qian, Yao, Li; NeurIPS 2024; docs/methods.md §10): heterogeneous client ranks, full-size
 aggregation, SVD redistribution.
 
 Each client k trains both factors at its own per-module rank ``r_k(m)`` with ``s_k = alpha / r_k`` (alpha fixed, so
-``s = 16 / r`` as in the official code).  The server rebuilds ``ΔW_m = Σ_k p_k s_k B_k A_k`` (§2.2 step 3, data-size
-``p_k``) and keeps it as its exact thin SVD: computed from the stacked factors (QR of ``[B_1|…|B_K]`` and of the
+``s = 16 / r`` as in the official code).  The server rebuilds ``ΔW_m = Σ_k p_k s_k B_k A_k`` (data-size ``p_k``)
+and keeps it as its exact thin SVD: computed from the stacked factors (QR of ``[B_1|…|B_K]`` and of the
 weighted ``Aᵀ`` stack, SVD of the small core; :func:`fedlora.lowrank.factored_svd`) whenever ``Σ r_k`` is below
 ``min(d_out, d_in)``, and from the dense matrix otherwise.  Client k then restarts from the best rank-``r_k``
-approximation (Eckart–Young, step 4): ``B = U_r Σ_r / s_k``, ``A = V_rᵀ`` (``flexlora.svd_split = "B"``, the code), or
+approximation (Eckart–Young): ``B = U_r Σ_r / s_k``, ``A = V_rᵀ`` (``flexlora.svd_split = "B"``, the code), or
 ``√Σ`` on each side (``"sqrt"``, an ablation).  A client whose rank exceeds the stored rank R (R = Σ r of the previous
 round's clients can be smaller than a large client's rank) gets B's extra columns at zero and A's extra rows as a
 seeded orthonormal completion of ``V_rᵀ``, as the official code's full SVD gives (null-space singular vectors with
@@ -15,11 +15,12 @@ seeded orthonormal completion of ``V_rᵀ``, as the official code's full SVD giv
 rank configuration gets the same download; the official code's null-space vectors are whatever LAPACK returns:
 ours are another orthonormal set in the same null space (equally arbitrary; the products are equal).
 
-Our resolutions (§2.5): the evaluated and exported global model is the full ``W0 + ΔW`` (the unseen-task metric),
-not a client's truncation; the server state is ``ΔW``'s SVD stored as an adapter of rank ``R = min(Σ r_k, d)`` with
-``alpha = R`` (scale 1), so checkpoints and the PEFT export hold it exactly.  Round 1 starts every client from the
-fresh PEFT init (seeded Kaiming A, B = 0), as the code does at t = 0.  The released code's defect (every client kept
-rank 8, §2.3) is not reproduced: clients really train at their own ranks.
+Our resolutions (docs/methods.md §10): the evaluated and exported global model is the full ``W0 + ΔW`` (the
+unseen-task metric), not a client's truncation; the server state is ``ΔW``'s SVD stored as an adapter of rank
+``R = min(Σ r_k, d)`` with ``alpha = R`` (scale 1), so checkpoints and the PEFT export hold it exactly.  Round 1
+starts every client from the fresh PEFT init (seeded Kaiming A, B = 0), as the code does at t = 0.  The released
+code's defect (every client kept rank 8; docs/methods.md §10) is not reproduced: clients really train at their own
+ranks.
 """
 from __future__ import annotations
 
@@ -44,8 +45,9 @@ def svd_form(module: LoraModule) -> tuple[Tensor, Tensor, Tensor]:
 
 def redistribute(module: LoraModule, rank: int, alpha: float, split: str = "B",
                  seed: int = 0) -> tuple[Tensor, Tensor]:
-    """A client's ``(B, A)`` at ``rank``: the best rank-r approximation of the global ΔW (O13–O15); components
-    beyond the stored rank are an orthonormal completion of A (seeded) with zero columns of B."""
+    """A client's ``(B, A)`` at ``rank``: the best rank-r approximation of the global ΔW (O13–O15,
+    docs/oracles.md); components beyond the stored rank are an orthonormal completion of A (seeded) with zero
+    columns of B."""
     U, S, Vh = svd_form(module)
     return truncate(U, S, Vh, rank, alpha / rank, split, seed)
 

@@ -1,10 +1,11 @@
-"""FLoRA (Wang et al., NeurIPS 2024, arXiv 2409.05976; algorithms.md §4.3): stacking, merge into the base, fresh LoRA.
+"""FLoRA (Wang et al., NeurIPS 2024, arXiv 2409.05976; docs/methods.md §12): stacking, merge into the base, fresh LoRA.
 
 Clients train fresh LoRA factors at their own ranks.  The server stacks them, ``B = [B_1|…|B_K]`` and
 ``A = [p_1 s_1 A_1; …; p_K s_K A_K]``, so that ``B A = Σ_k p_k s_k B_k A_k`` exactly whatever the ranks (oracle
-O20); every client merges that product into its frozen base (``W0 ← W0 + B A``) and starts the next round from a fresh
-LoRA (Kaiming A, B = 0; O1), drawn independently per client and round (seeded by run seed, round and client).  The
-downlink carries the stack, ``Σ_k r_k (d_in + d_out)`` numbers per module, growing with the number of clients (O30).
+O20, docs/oracles.md); every client merges that product into its frozen base (``W0 ← W0 + B A``) and starts
+the next round from a fresh LoRA (Kaiming A, B = 0; O1), drawn independently per client and round (seeded by run
+seed, round and client).  The downlink carries the stack, ``Σ_k r_k (d_in + d_out)`` numbers per module, growing
+with the number of clients (O30).
 
 Scaling: FLoRA's code sets each client's ``alpha_k = 2·r_k``, so every client, whatever its rank, trains with the
 same scale ``s = 2``, and so does the stack.  That is our default (``flora.alpha_per_rank = 2``); the per-client
@@ -75,7 +76,7 @@ class FLoRA(MergesIntoBase):
 
     def aggregate(self, round_idx: int, state: ServerState, updates: list[Update]) -> ServerState:
         if not updates:
-            return state
+            return self.empty_round(state)
         weights = data_weights(updates)
         extra = self.without_stacks(state.extra)
         for name in state.adapter.modules:

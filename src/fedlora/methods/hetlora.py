@@ -1,4 +1,4 @@
-"""HetLoRA (Cho et al., EMNLP 2024; algorithms.md §4.2): heterogeneous ranks by zero-padding, sparsity-weighted
+"""HetLoRA (Cho et al., EMNLP 2024; docs/methods.md §11): heterogeneous ranks by zero-padding, sparsity-weighted
 aggregation and rank self-pruning.
 
 The server keeps one global adapter at the largest rank ``r_max`` per module.  Client k receives its first ``r_k``
@@ -7,9 +7,10 @@ summed), and uploads them.  The server zero-pads every upload to ``r_max`` and s
 ``p_k ∝ ‖s_k B_k A_k‖_F`` (``hetlora.weighting = "sparsity"``, the paper) or data sizes (``"data"``, FlexLoRA's
 baseline).
 
-Our resolutions: ranks differ, so the factors are exchanged in *pre-scaled* form, ``√s_k·B_k`` and ``√s_k·A_k`` (the
-``handle_alpha`` of FlexLoRA's baseline, §4.2): the global adapter holds ``B̃, Ã`` with scale 1 and client k trains
-``B = B̃[:, :r_k]/√s_k``, ``A = Ã[:r_k]/√s_k``, so its initial product equals the global's rank-``r_k`` truncation.
+Our resolutions (docs/methods.md §11): ranks differ, so the factors are exchanged in *pre-scaled* form, ``√s_k·B_k``
+and ``√s_k·A_k`` (the ``handle_alpha`` of FlexLoRA's HetLoRA baseline): the global adapter holds ``B̃, Ã`` with
+scale 1 and client k trains ``B = B̃[:, :r_k]/√s_k``, ``A = Ã[:r_k]/√s_k``, so its initial product equals the
+global's rank-``r_k`` truncation.
 Round 1 starts every client from the fresh PEFT init.  A rank index that no client of the round covers keeps the
 global's previous row of A and column of B (``hetlora.uncovered = "keep"``, the default); plain zero-padding
 (``"zero"``) would zero it, and a zero row of A with a zero column of B never gets a gradient again, so after one round
@@ -45,7 +46,8 @@ def tail_norm(B: Tensor, A: Tensor, gamma: float) -> Tensor:
 
 
 def sparsity_weights_scaled(Bs: list[Tensor], As: list[Tensor], scales: list[float]) -> list[float]:
-    """``p_k ∝ ‖s_k B_k A_k‖_F`` normalised to 1; equal weights when every update is zero (oracle O19)."""
+    """``p_k ∝ ‖s_k B_k A_k‖_F`` normalised to 1; equal weights when every update is zero (oracle O19,
+    docs/oracles.md)."""
     norms = [s * product_frobenius_norm(B, A) for B, A, s in zip(Bs, As, scales)]
     total = sum(norms)
     return [n / total for n in norms] if total > 0 else [1.0 / len(norms)] * len(norms)
@@ -78,7 +80,7 @@ def distribute(module: LoraModule, rank: int, alpha: float) -> tuple[Tensor, Ten
 
 
 def total_tail_norm(slots, gamma: float) -> Tensor:
-    """``Σ_m ‖B_m[:, ⌊γr⌋:]‖_F·‖A_m[⌊γr⌋:, :]‖_F`` over a client's current factors (algorithms.md §4.2)."""
+    """``Σ_m ‖B_m[:, ⌊γr⌋:]‖_F·‖A_m[⌊γr⌋:, :]‖_F`` over a client's current factors (Cho et al., EMNLP 2024)."""
     return sum((tail_norm(slots.params[n + B_SUFFIX], slots.params[n + A_SUFFIX], gamma) for n in slots.shapes),
                torch.zeros(()))
 

@@ -16,8 +16,9 @@ Our choices (the authors' repository ``jmbian/LoRA-FAIR`` could not be read; the
 a project derived from it, ``DASS-Lab-Group/SpecTraL``, ``server.py:_optimize_delta_lora_B``):
 
 * As that code: a cosine per input column (over the output axis), averaged; ΔW without the LoRA scale (the same for
-  every client at one rank); plain SGD (``lorafair.lr = 0.01``), at most ``lorafair.steps = 1000`` iterations,
-  stopping when the loss changes by less than 1e-6 in 5 consecutive iterations; data-size weights.
+  every client at one rank); all modules as one problem (their losses summed, :func:`refine_bs`) solved by plain SGD
+  (``lorafair.lr = 0.01``), at most ``lorafair.steps = 1000`` iterations, stopping when the summed loss changes by
+  less than 1e-6 in 5 consecutive iterations; data-size weights, for the head too.
 * **ΔB starts at zero**, not from Xavier noise as in the derived code: with the paper's ``λ = 0.01`` a random start
   barely decays in 1,000 steps (each multiplies it by 1 − 2·lr·λ), so the refined B would be mostly noise; from zero
   the refinement moves only where the cosine asks.  (The derived code defaults to λ = 1.)
@@ -37,16 +38,28 @@ from fedlora.methods.base import ClientPlan, Method, ServerState, Update, client
 
 def refine_b(target: torch.Tensor, B: torch.Tensor, A: torch.Tensor, lambda_reg: float, lr: float, steps: int,
              patience: int = 5, tol: float = 1e-6, start: torch.Tensor | None = None) -> torch.Tensor:
-    """``ΔB`` minimising ``1 − mean column-cosine(target, (B + ΔB) A) + λ‖ΔB‖²`` by SGD from ``start`` (zero),
-    float64; stops after ``patience`` consecutive iterations whose loss moved less than ``tol``."""
-    target, B, A = target.double(), B.double(), A.double()
-    delta = (start.double().clone() if start is not None else torch.zeros_like(B)).requires_grad_(True)
-    opt = torch.optim.SGD([delta], lr=lr)
+    """``ΔB`` minimising ``1 − mean column-cosine(target, (B + ΔB) A) + λ‖ΔB‖²`` for one module (see
+    :func:`refine_bs`)."""
+    return refine_bs([target], [B], [A], lambda_reg, lr, steps, patience, tol,
+                     None if start is None else [start])[0]
+
+
+def refine_bs(targets: list[torch.Tensor], Bs: list[torch.Tensor], As: list[torch.Tensor], lambda_reg: float,
+              lr: float, steps: int, patience: int = 5, tol: float = 1e-6,
+              starts: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """Every module's ``ΔB`` as one problem, as the derived code solves it: the modules' losses summed, plain SGD from
+    ``starts`` (zero), float64, stopping after ``patience`` consecutive iterations whose summed loss moved less than
+    ``tol``.  The terms are separable, so each step is each module's own; only the stop is shared."""
+    targets = [t.double() for t in targets]
+    Bs, As = [b.double() for b in Bs], [a.double() for a in As]
+    deltas = [(s.double().clone() if s is not None else torch.zeros_like(b)).requires_grad_(True)
+              for s, b in zip(starts or [None] * len(Bs), Bs)]
+    opt = torch.optim.SGD(deltas, lr=lr)
     previous, quiet = None, 0
     for _ in range(steps):
         opt.zero_grad()
-        cos = torch.nn.functional.cosine_similarity(target, (B + delta) @ A, dim=0)
-        loss = (1 - cos.mean()) + lambda_reg * (delta ** 2).sum()
+        loss = sum((1 - torch.nn.functional.cosine_similarity(t, (b + d) @ a, dim=0).mean())
+                   + lambda_reg * (d ** 2).sum() for t, b, a, d in zip(targets, Bs, As, deltas))
         loss.backward()
         opt.step()
         value = float(loss.detach())
@@ -56,7 +69,7 @@ def refine_b(target: torch.Tensor, B: torch.Tensor, A: torch.Tensor, lambda_reg:
                 break
         else:
             quiet, previous = 0, value
-    return delta.detach()
+    return [d.detach() for d in deltas]
 
 
 @register
@@ -81,10 +94,13 @@ class LoRAFAIR(Method):
         averaged = self.average(state, updates)
         weights = data_weights(updates)
         opts = self.section("lorafair")
-        modules = {}
-        for name, m in averaged.adapter.modules.items():
+        names, targets = list(averaged.adapter.modules), []
+        for name in names:
             Bs, As = client_factors(updates, name)
-            target = sum(p * (B.double() @ A.double()) for p, B, A in zip(weights, Bs, As))
-            delta = refine_b(target, m.B, m.A, opts.lambda_reg, opts.lr, opts.steps)
-            modules[name] = LoraModule(m.A, (m.B.double() + delta).to(m.B.dtype), m.alpha)
+            targets.append(sum(p * (B.double() @ A.double()) for p, B, A in zip(weights, Bs, As)))
+        mods = averaged.adapter.modules
+        deltas = refine_bs(targets, [mods[n].B for n in names], [mods[n].A for n in names], opts.lambda_reg, opts.lr,
+                           opts.steps)
+        modules = {n: LoraModule(mods[n].A, (mods[n].B.double() + d).to(mods[n].B.dtype), mods[n].alpha)
+                   for n, d in zip(names, deltas)}
         return ServerState(Adapter(modules, dict(averaged.adapter.head)), averaged.extra)

@@ -29,9 +29,9 @@ to us; every formula below is **our PROPOSAL** (docs/methods.md §14), labelled 
   covered layer and the task head get w = 1), and the update ``θ_j ← θ_j + η_g·[(1−κ)·w_j·Δ̄_j + κ·Ĥ_j]``
   (η_g = 1, κ = 0.5, γ = 0.5, w_max = 3).  So with η_g = 1 a fully covered layer steps exactly FedAvg's update in
   round 1 (and in every round while the update stays the same), for any κ; with κ = 0 and full coverage the rule
-  *is* FedAvg (oracle O27); a layer nobody trained, with zero momentum, is unchanged.  (An earlier version normalised
-  w to mean 1 over the covered layers, head included, which shrank fully covered layers and the head to about 0.6×
-  and, without bias correction, made round 1 step 0.75× FedAvg.)
+  *is* FedAvg (oracle O27, docs/oracles.md); a layer nobody trained, with zero momentum, is unchanged.  (An earlier
+  version normalised w to mean 1 over the covered layers, head included, which shrank fully covered layers and the
+  head to about 0.6× and, without bias correction, made round 1 step 0.75× FedAvg.)
 """
 from __future__ import annotations
 
@@ -146,7 +146,7 @@ MB = 1_000_000
 def ig_gradient_norms(*, model: torch.nn.Module, slots, initial: Adapter, plan: ClientPlan, examples,
                       loss_fn: LossFn, groups: list[list[str]], num_examples: int, batch_size: int, round_idx: int,
                       seed: int) -> list[float]:
-    """Fed-piLot's local IG-Score (algorithms.md §3.3 step 2.2): ``‖∇_{θ_j} L(D^IG)‖₂`` per layer j (its A and B),
+    """Fed-piLot's local IG-Score (docs/methods.md §14, step 1): ``‖∇_{θ_j} L(D^IG)‖₂`` per layer j (its A and B),
     from one gradient over a seeded sample of ``num_examples`` local examples at the downloaded global adapter; no
     optimiser step.  The pass holds every layer's gradient at once (the paper allows layer-by-layer accumulation
     when memory forbids it; in simulation it is not budgeted)."""
@@ -321,8 +321,8 @@ class FedPilot(LayerAssignment):
     use_dwa = True
 
     def prepare_client(self, ctx: ClientContext, plan: ClientPlan) -> tuple[ClientPlan, dict]:
-        """The client's side of Fed-piLot (§3.3 step 2): IG-Scores on its own data at the downloaded adapter, then its
-        own knapsack over the combined scores; the plan then trains the chosen layers' modules."""
+        """The client's side of Fed-piLot (docs/methods.md §14): IG-Scores on its own data at the downloaded adapter,
+        then its own knapsack over the combined scores; the plan then trains the chosen layers' modules."""
         scores = ig_gradient_norms(model=ctx.model, slots=ctx.slots, initial=ctx.start(), plan=plan,
                                    examples=ctx.examples, loss_fn=ctx.loss_fn, groups=self.spec.layer_groups,
                                    num_examples=self.section("pilot").ig_examples, batch_size=ctx.train.batch_size,

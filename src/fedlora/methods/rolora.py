@@ -17,6 +17,9 @@ Our choices, against the paper and the first author's research fork (no official
   freezes the classifier at its random init, which our zero-initialised head (docs/methods.md §4b) cannot afford.
 * Server optimisers (``server.optimizer``) step along the round's average of the factor it moved; their state is
   per tensor, so B's momentum is only updated in B rounds and A's in A rounds.
+* Traffic: the upload is one factor (half of FedIT's for square modules); the download carries both factors, since
+  our clients keep nothing between rounds (a client that kept last round's factors would need only the one the
+  previous round moved).
 """
 from __future__ import annotations
 
