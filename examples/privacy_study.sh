@@ -15,6 +15,11 @@ FFA_LR=${FFA_LR:-1.0}       # chosen from 0.25, 0.5, 1.0 by the lr grid below
 # the learning-rate grid (seed 0, held-out training rows, epsilon 3, label skew, 12 rounds)
 fedlora compare --config examples/ffa_dp_sst2.toml --methods fedit,ffa --set rounds=12 --set data.holdout=1000 \
     --grid "train.lr=0.25,0.5,1.0" --out "$OUT/lr" --jobs "$JOBS" --quiet
+# cells finished on other machines are kept in the repository (docs/data/privacy_v2/cells): start from them
+mkdir -p "$OUT/study/cells"
+for d in docs/data/privacy_v2/cells/*/; do
+    [ -d "$d" ] && [ ! -e "$OUT/study/cells/$(basename "$d")" ] && cp -r "$d" "$OUT/study/cells/"
+done
 # the study (seeds 1-3 on the 872 validation rows), one epsilon at a time so that an interrupted study holds complete
 # FedIT-vs-FFA-LoRA pairs; the last call (the full grid) reuses every finished cell and writes the combined report
 for EPS in 3 inf 1 6 "1,3,6,inf"; do
