@@ -147,8 +147,8 @@ def _deploy(tmp_path, tls: bool, overrides: list[str], extra: dict | None = None
 
 @pytest.mark.deployment
 @pytest.mark.parametrize("method,tls", [("ffa", False), ("ffa", True), ("fedit", False), ("flexlora", False),
-                                        ("flora", False)],
-                         ids=["ffa-insecure", "ffa-tls", "fedit", "flexlora", "flora"])
+                                        ("flora", False), ("fedsa", False)],
+                         ids=["ffa-insecure", "ffa-tls", "fedit", "flexlora", "flora", "fedsa"])
 def test_loopback_deployment_gives_the_in_process_adapter(tmp_path, method, tls):
     """A real SuperLink and three SuperNodes (flower-superlink / flower-supernode on 127.0.0.1, TLS with
     certificates made here), two rounds: the same final adapter as the in-process engine."""
@@ -159,6 +159,9 @@ def test_loopback_deployment_gives_the_in_process_adapter(tmp_path, method, tls)
     ours = load_file(str(tmp_path / "inproc/adapter/adapter_model.safetensors"))
     theirs = load_file(str(tmp_path / "flower/adapter/adapter_model.safetensors"))
     assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) <= 1e-6
+    if method == "fedsa":  # kept state in the nodes' workers, personalised evaluation run by them
+        a, b = _rows(tmp_path / "inproc")[-1], _rows(tmp_path / "flower")[-1]
+        assert b["personal_accuracy_mean"] == pytest.approx(a["personal_accuracy_mean"], abs=1e-9)
     log = (fed.workdir / "superlink.log").read_text()
     assert ("https://127.0.0.1" in log) == tls  # the SuperLink served TLS only when asked to
     if tls:
