@@ -24,8 +24,8 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 from fedlora.config_checks import validate
-from fedlora.config_fields import (FedExConfig, FedSVDConfig, FlexLoraConfig, FloraConfig, HetLoraConfig,
-                                   LoRAFAIRConfig, PilotConfig, _f)
+from fedlora.config_fields import (FedExConfig, FedSBConfig, FedSVDConfig, FlexLoraConfig, FloraConfig,
+                                   HetLoraConfig, LoRAFAIRConfig, PilotConfig, _f)
 from fedlora.errors import ConfigError
 
 
@@ -219,6 +219,7 @@ class ExperimentConfig:
     fedex: FedExConfig = field(default_factory=FedExConfig)
     fedsvd: FedSVDConfig = field(default_factory=FedSVDConfig)
     lorafair: LoRAFAIRConfig = field(default_factory=LoRAFAIRConfig)
+    fedsb: FedSBConfig = field(default_factory=FedSBConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     pilot: PilotConfig = field(default_factory=PilotConfig)
 

@@ -108,3 +108,21 @@ class FedExConfig:
                        "'dense' (one d_out x d_in matrix per module; only the aggregate is seen) or 'factors' (the "
                        "low-rank stack of the participants' scaled factors while it is the smaller: fewer bytes for "
                        "few clients, but each participant's own factors are seen).", choices=("dense", "factors"))
+
+
+@dataclass
+class FedSBConfig:
+    init_examples: int = _f(550, "Server-held examples whose summed loss gradient fits the initial A, B and R "
+                            "(LoRA-SB's initialisation; the authors' SNLI code uses 550).")
+    init_lr: float = _f(0.0, "eta' of the approximated first step -eta' * sign(grad) that the initial adapter "
+                        "reproduces; 0 = train.lr / (rounds x local steps), as the authors' code divides the lr by "
+                        "the number of training steps.")
+    unaccounted_init: bool = _f(False, "Allow DP-SGD although the server's initialisation sample (drawn from the "
+                                "training rows in simulation) is not covered by the clients' privacy accounting "
+                                "(the authors' DP code does this silently); only for data the server may use "
+                                "openly.")
+
+    def check(self) -> None:
+        need(self.init_examples >= 1, "fedsb.init_examples", self.init_examples, "a positive integer")
+        need(self.init_lr >= 0 and math.isfinite(self.init_lr), "fedsb.init_lr", self.init_lr,
+             "a non-negative finite number (0 = train.lr / total local steps)")

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fedlora.adapters import A_SUFFIX, B_SUFFIX, PEFT_PREFIX, ROLE_HEAD, Adapter, LoraModule, module_of, role_of
+from fedlora.adapters import (A_SUFFIX, B_SUFFIX, PEFT_PREFIX, R_SUFFIX, ROLE_HEAD, Adapter, LoraModule, module_of,
+                              role_of)
 from fedlora.errors import ModelError, UpdateError
 
 
@@ -73,6 +74,51 @@ def inject_lora(model: nn.Module, lora_cfg, task_type: str = "SEQ_CLS", ranks: d
     return peft_model
 
 
+class CoreLinear(nn.Linear):
+    """A LoRA ``lora_B`` layer with an ``r × r`` core before it: ``x ↦ B·(R·x)`` (LoRA-SB's ``ΔW = s·B·R·A``; Ponkshe
+    et al., arXiv 2411.19557).  PEFT has no such layer; this one takes the place of the adapter's ``lora_B`` module,
+    so PEFT's forward (``lora_B(lora_A(dropout(x))) · s``) computes it unchanged.  ``weight`` is B; the core is a
+    plain ``nn.Linear`` child (``core``), which Opacus gives per-example gradients like any linear layer.  PEFT's own
+    merge reads B alone, so a model with cores is never merged: the exported adapter folds each core into B
+    (:meth:`fedlora.adapters.Adapter.folded`)."""
+
+    def __init__(self, b: nn.Linear):
+        super().__init__(b.in_features, b.out_features, bias=False, device=b.weight.device, dtype=b.weight.dtype)
+        with torch.no_grad():
+            self.weight.copy_(b.weight)
+        r = b.in_features
+        self.core = nn.Linear(r, r, bias=False, device=b.weight.device, dtype=b.weight.dtype)
+        with torch.no_grad():
+            self.core.weight.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(self.core(x), self.weight)
+
+
+def add_lora_cores(peft_model) -> None:
+    """Give every LoRA module of ``peft_model``'s ``default`` adapter an ``r × r`` core (R = 0) between A and B
+    (:class:`CoreLinear`); frozen, like every parameter until a client's plan makes it trainable."""
+    found = False
+    for module in peft_model.modules():
+        lora_B = getattr(module, "lora_B", None)
+        if isinstance(lora_B, nn.ModuleDict) and "default" in lora_B and not isinstance(lora_B["default"], CoreLinear):
+            lora_B["default"] = CoreLinear(lora_B["default"])
+            found = True
+    if not found:
+        raise ModelError("the PEFT model has no LoRA modules to give a core")
+    for p in peft_model.parameters():
+        p.requires_grad_(False)
+
+
+def _adapter_of(pname: str) -> str:
+    """The adapter a LoRA parameter belongs to: the name after ``lora_A.`` / ``lora_B.`` (a core's parameter,
+    ``lora_B.<adapter>.core.weight``, belongs to its B's adapter)."""
+    for part in (".lora_A.", ".lora_B."):
+        if part in pname:
+            return pname.split(part, 1)[1].split(".", 1)[0]
+    raise KeyError(pname)
+
+
 class AdapterPool:
     """One frozen base model, several named PEFT adapters: one per rank configuration in use.
 
@@ -111,7 +157,7 @@ class AdapterPool:
                 self._order.remove(old)
                 gone = self._names.pop(old)
                 self.model.delete_adapter(gone)
-                self._shapes = {k: v for k, v in self._shapes.items() if k.rsplit(".", 2)[-2] != gone}
+                self._shapes = {k: v for k, v in self._shapes.items() if _adapter_of(k) != gone}
         else:
             self._order.remove(key)
             self._order.append(key)
@@ -131,7 +177,7 @@ class AdapterPool:
         for pname, p in self.model.named_parameters():
             if ".lora_A." not in pname and ".lora_B." not in pname:
                 continue
-            adapter = pname.rsplit(".", 2)[-2]
+            adapter = _adapter_of(pname)
             if adapter == active:
                 if p.numel() == 0 and pname in self._shapes:
                     p.data = torch.zeros(self._shapes.pop(pname), dtype=p.dtype, device=p.device)
@@ -158,16 +204,21 @@ def adapter_from_peft_state_dict(state_dict: dict[str, torch.Tensor], alphas: di
         if a.shape[0] != b.shape[1]:
             raise UpdateError(f"module {name!r}: A has rank {a.shape[0]} but B has rank {b.shape[1]}")
         alpha = alphas if isinstance(alphas, (int, float)) else alphas[name]
-        modules[name] = LoraModule(a.clone(), b.clone(), float(alpha))
+        core = flat.get(name + R_SUFFIX)
+        if core is not None and tuple(core.shape) != (a.shape[0], a.shape[0]):
+            raise UpdateError(f"module {name!r}: its core has shape {tuple(core.shape)}, expected {a.shape[0]}x{a.shape[0]}")
+        modules[name] = LoraModule(a.clone(), b.clone(), float(alpha), None if core is None else core.clone())
     head = {k: v.clone() for k, v in flat.items() if role_of(k) == ROLE_HEAD}
     return Adapter(modules, head)
 
 
 def export_peft_adapter(adapter: Adapter, lora_cfg, task_type: str, base_model_path: str, out_dir: Path) -> None:
     """Write ``adapter`` as a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) with
-    per-module ranks and alphas (``rank_pattern`` / ``alpha_pattern``), loadable by ``PeftModel.from_pretrained``."""
+    per-module ranks and alphas (``rank_pattern`` / ``alpha_pattern``), loadable by ``PeftModel.from_pretrained``.
+    Cores (LoRA-SB's R) are folded into B first: the same update in the form PEFT loads."""
     from safetensors.torch import save_file
 
+    adapter = adapter.folded()
     ranks = {n: m.rank for n, m in adapter.modules.items()}
     alphas = {n: m.alpha for n, m in adapter.modules.items()}
     config = _lora_config(lora_cfg, task_type, ranks, alphas)
@@ -222,7 +273,9 @@ class LoraSlots:
         params: dict[str, nn.Parameter] = {}
         a = adapter_name
         for name, p in peft_model.named_parameters():
-            if f".lora_A.{a}." in name or f".lora_B.{a}." in name:
+            if f".lora_B.{a}.core." in name:  # a core (CoreLinear): flat key <module>.lora_R.weight
+                key = name.replace(f".lora_B.{a}.core.weight", R_SUFFIX)
+            elif f".lora_A.{a}." in name or f".lora_B.{a}." in name:
                 key = name.replace(f".{a}.", ".")
             elif f".modules_to_save.{a}." in name:
                 key = name.replace(f".modules_to_save.{a}.", ".")
@@ -280,7 +333,8 @@ class LoraSlots:
         from fedlora.adapters import LoraModule
 
         for name in self.shapes:
-            modules[name] = LoraModule(flat[name + A_SUFFIX], flat[name + B_SUFFIX], self.alphas[name])
+            modules[name] = LoraModule(flat[name + A_SUFFIX], flat[name + B_SUFFIX], self.alphas[name],
+                                       flat.get(name + R_SUFFIX))
         return Adapter(modules, {k: flat[k] for k in self.head_keys()})
 
     def head(self) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ import torch
 
 from fedlora.base_weights import BaseWeights, WeightFile  # noqa: F401  (public names of this module)
 from fedlora.errors import ModelError
-from fedlora.lora import (ADAPTER_INFO, AdapterPool, LoraSlots, adapter_info, check_ranks,  # noqa: F401
+from fedlora.lora import (ADAPTER_INFO, AdapterPool, LoraSlots, add_lora_cores, adapter_info, check_ranks,  # noqa: F401
                           export_peft_adapter, inject_lora, load_peft_adapter, target_shapes)
 
 BUNDLED_MODELS = {

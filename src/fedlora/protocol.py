@@ -87,6 +87,9 @@ class FederationSpec:
     alpha_per_rank: float = 0.0
     """> 0: every module's alpha is ``alpha_per_rank · r`` (FLoRA's convention), so the scale is the same at every
     rank; 0: ``alpha`` for every rank (``s = alpha / r``)."""
+    core: bool = False
+    """True when every LoRA module has an ``r × r`` core R between its factors (``Method.lora_core``: Fed-SB); the
+    initial adapter then carries R = 0."""
 
     def alpha_of(self, rank: int) -> float:
         """The LoRA alpha a module of this rank trains with."""
@@ -102,7 +105,8 @@ class FederationSpec:
 
         if ranks is None:
             ranks = self.client_ranks[client_id] if client_id is not None else self.global_ranks()
-        adapter = initial_adapter(self.shapes, ranks, self.alpha, self.seed if seed is None else seed, head=self.head)
+        adapter = initial_adapter(self.shapes, ranks, self.alpha, self.seed if seed is None else seed, head=self.head,
+                                  core=self.core)
         if self.alpha_per_rank > 0:
             for module in adapter.modules.values():
                 module.alpha = self.alpha_of(module.rank)

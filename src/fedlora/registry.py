@@ -20,7 +20,7 @@ BUILTIN_METHODS: dict[str, str] = {
     "hetlora": "fedlora.methods.hetlora", "flora": "fedlora.methods.flora", "pilot": "fedlora.methods.pilot",
     "fedra": "fedlora.methods.fedra", "randk": "fedlora.methods.fedra", "topk": "fedlora.methods.fedra",
     "fedex": "fedlora.methods.fedex", "rolora": "fedlora.methods.rolora", "fedsvd": "fedlora.methods.fedsvd",
-    "fedsa": "fedlora.methods.fedsa", "lorafair": "fedlora.methods.lorafair",
+    "fedsa": "fedlora.methods.fedsa", "lorafair": "fedlora.methods.lorafair", "fedsb": "fedlora.methods.fedsb",
 }
 
 

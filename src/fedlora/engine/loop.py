@@ -29,6 +29,7 @@ from fedlora.engine.prepare import partition_digest, prepare, sample_clients
 from fedlora.engine.rundir import (check_resume_config, default_run_dir, export_adapter, fault_point, open_run_dir,
                                    write_clients_file)
 from fedlora.engine.runtime import build_engine, build_method
+from fedlora.engine.weight_gradients import summed_weight_gradients
 from fedlora.memory import release_freed_memory, return_large_frees_promptly
 from fedlora.methods.base import ServerState
 from fedlora.privacy import ClientAccountant
@@ -96,7 +97,13 @@ def _run(cfg: ExperimentConfig, out_dir, progress: bool, log, resume: bool, coll
         log("client ranks: " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
     write_clients_file(run_dir, prepared, eng.spec)
     method = build_method(cfg, eng.spec)
-    state = method.init_state(eng.spec.initial(ranks=eng.default_ranks))
+    initial = eng.spec.initial(ranks=eng.default_ranks)
+    if method.init_examples() and ckpt is None:  # fitted to data (Fed-SB's LoRA-SB init); a resumed run has its state
+        grads = summed_weight_gradients(eng, initial, method.init_examples(), log)
+        initial = method.initial_from_gradients(initial, grads)
+        del grads
+    state = method.init_state(initial)
+    del initial
     accountant = ClientAccountant()
     metrics = MetricsLog(run_dir)
     start = 1

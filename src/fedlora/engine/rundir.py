@@ -96,7 +96,7 @@ def export_adapter(eng: Engine, method, state: ServerState, final: Adapter, run_
     tmp, target = run_dir / f"{name}.tmp", run_dir / name
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
-    if adapter_fits(final, eng.default_ranks) and method.base_delta(state) is None:
+    if adapter_fits(final, eng.default_ranks) and method.base_delta(state) is None and not eng.spec.core:
         eng.pool.slots(eng.default_ranks).load(final)
         save_default_adapter(eng.model, tmp)
     else:

@@ -10,8 +10,8 @@ from fedlora.errors import ConfigError
 from fedlora.layers import block_index
 from fedlora.methods import get_method
 from fedlora.methods.base import FederationSpec
-from fedlora.models import (AdapterPool, BaseWeights, WeightFile, check_ranks, inject_lora, resolve_model_path,
-                            target_shapes)
+from fedlora.models import (AdapterPool, BaseWeights, WeightFile, add_lora_cores, check_ranks, inject_lora,
+                            resolve_model_path, target_shapes)
 from fedlora.ranks import describe_config, module_ranks
 from fedlora.robust import with_robust
 
@@ -73,7 +73,8 @@ class Engine:
         if key not in self._templates:
             init = self.spec.initial(ranks=ranks)
             self._templates[key] = Adapter(
-                {n: LoraModule(m.A.to("meta"), m.B.to("meta"), m.alpha) for n, m in init.modules.items()},
+                {n: LoraModule(m.A.to("meta"), m.B.to("meta"), m.alpha, None if m.R is None else m.R.to("meta"))
+                 for n, m in init.modules.items()},
                 {k: v.to("meta") for k, v in init.head.items()})
         return self._templates[key]
 
@@ -98,10 +99,13 @@ def build_engine(prepared: Prepared, log=print) -> Engine:
     global_ranks = {n: max(r[n] for r in client_ranks.values()) for n in shapes}
     alpha_per_rank = get_method(cfg.method).alpha_per_rank(cfg)
     model = inject_lora(base_model, cfg.lora, task_type, ranks=global_ranks, alpha_per_rank=alpha_per_rank)
+    core = get_method(cfg.method).lora_core
+    if core:  # an r x r core between the factors of every LoRA module (Fed-SB)
+        add_lora_cores(model)
     pool = AdapterPool(model, cfg.lora, task_type, alpha_per_rank=alpha_per_rank)
     slots = pool.slots(global_ranks)
     spec = FederationSpec(slots.shapes, client_ranks, cfg.lora.alpha, cfg.seed, head=slots.head(),
-                          alpha_per_rank=alpha_per_rank)
+                          alpha_per_rank=alpha_per_rank, core=core)
     if get_method(cfg.method).needs_memory_model:
         _attach_memory_model(spec, model, prepared, task_type, log)
     client_train, client_val, global_val = task.client_examples(tokenizer, prepared, cfg.model.max_length)

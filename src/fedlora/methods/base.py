@@ -104,6 +104,10 @@ class Method(ABC):
     B = 0 those are all zero under a zero classification head, so ``model.head_init = "auto"`` keeps the model's
     random head for such methods."""
 
+    lora_core: ClassVar[bool] = False
+    """True when every LoRA module has a trainable ``r × r`` core R between frozen factors (``ΔW = s·B·R·A``; LoRA-SB,
+    Fed-SB): the engine puts the core layers into the model and the adapters carry R (role ``lora_R``)."""
+
     minimal_overrides: ClassVar[tuple[str, ...]] = ()
     """``--set`` overrides the smallest run of this method needs beyond the defaults (memory budgets, heterogeneous
     ranks); the table-driven test runs every registered method with them, so a new method is tested by registering
@@ -176,6 +180,17 @@ class Method(ABC):
     def init_state(self, initial: Adapter) -> ServerState:
         """The server state before round 1, from the shared-seed initial adapter."""
         return ServerState(initial.clone())
+
+    def init_examples(self) -> int:
+        """How many server-held examples the initial adapter is fitted on (:meth:`initial_from_gradients`); 0 = none,
+        the initial adapter is the shared-seed one."""
+        return 0
+
+    def initial_from_gradients(self, initial: Adapter, gradients: dict[str, Tensor]) -> Adapter:
+        """The initial adapter fitted to ``gradients``: per LoRA module, the summed loss gradient of its frozen weight
+        ``∂L/∂W (d_out × d_in)`` over :meth:`init_examples` server-held examples at the shared-seed initial
+        adapter (LoRA-SB's initialisation)."""
+        return initial
 
     @abstractmethod
     def configure(self, round_idx: int, state: ServerState, client_ids: list[int]) -> list[ClientPlan]:
