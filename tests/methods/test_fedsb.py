@@ -114,6 +114,7 @@ def test_server_sample_is_seeded_and_spread_over_the_clients():
     assert sample == server_sample([5, 0, 7, 3], 6, seed=0)
     assert sum(len(r) for _, r in sample) == 6 and all(k != 1 for k, _ in sample)
     assert all(rows == sorted(set(rows)) and max(rows) < [5, 0, 7, 3][k] for k, rows in sample)
+    assert len({k for k, _ in server_sample([50] * 4, 20, seed=0)}) == 4  # spread over the clients, not the first
     assert server_sample([2, 1], 10, seed=0) == [(0, [0, 1]), (1, [0])]  # all rows when n ≥ their number
 
 
@@ -173,6 +174,9 @@ def test_fedsb_under_dp_is_refused_unless_the_unaccounted_init_is_allowed(toy_mo
         prepare(load_config(None, [*TOY, f"model.name={toy_model_dir}", *dp]))
     with pytest.raises(ConfigError, match="zero head"):
         prepare(load_config(None, [*TOY, "model.head_init=zero"]))
+    with pytest.raises(ConfigError, match="fedsb.init_lr"):
+        prepare(load_config(None, [*TOY, "train.local_epochs=2"]))
+    assert prepare(load_config(None, [*TOY, "train.local_epochs=2", "fedsb.init_lr=1e-6"])).cfg.fedsb.init_lr == 1e-6
     res = run_experiment(load_config(None, [*TOY, f"model.name={toy_model_dir}", *dp, "fedsb.unaccounted_init=true"]),
                          out_dir=tmp_path / "dp", progress=False, log=lambda *_: None)
     summary = json.loads((res.run_dir / "summary.json").read_text())
@@ -195,7 +199,15 @@ def test_fedsb_resumes_exactly_with_the_factors_kept_on_the_clients(toy_model_di
 
     a, b = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (full, cut))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    # what each client kept is the server's fitted A and B (not the shared-seed ones): the export's A, B·R's B
+    # the run started from LoRA-SB's fitted factors: orthonormal A (the shared-seed Kaiming A is not), and a non-zero
+    # B·R (with B = 0 the core would get no gradient and only the head would train)
+    for key, value in a.items():
+        if key.endswith("lora_A.weight"):
+            torch.testing.assert_close(value @ value.T, torch.eye(value.shape[0]), atol=1e-5, rtol=0)
+        elif key.endswith("lora_B.weight"):
+            assert float(value.abs().max()) > 0
+    # what each client kept is those fitted factors: the export's A
     for f in sorted((full / "client_state").iterdir()):
         kept = load_file(str(f))
-        assert kept and all(torch.equal(v, a["base_model.model." + k]) for k, v in kept.items() if "lora_A" in k)
+        As = {k: v for k, v in kept.items() if k.endswith("lora_A.weight")}
+        assert As and all(torch.equal(v, a["base_model.model." + k]) for k, v in As.items())

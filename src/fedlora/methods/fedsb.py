@@ -21,10 +21,15 @@ Our choices, against the authors' code (CERT-Lab/fed-sb; ``utils/gradient_utils.
   (:mod:`fedlora.engine.weight_gradients`): a server holding a small in-distribution sample.  That sample is outside
   the clients' DP accounting — the code privatises only the local training and says nothing of it — so Fed-SB
   refuses DP-SGD unless ``fedsb.unaccounted_init = true`` says the server may use those rows openly.
-* **η′** = ``train.lr / (rounds × local steps)`` by default (the SNLI script: lr over the number of local steps);
-  it only scales R's starting value, not the directions of B and A.
+* **η′** = ``train.lr / (rounds × local steps)`` by default (with ``train.local_epochs`` it must be set); the SNLI
+  script divides lr by the local epochs times the batches of the *whole pooled* training set, the multi-round CR
+  script by the steps of one round and the warm-up ratio.  η′ only scales R's starting value, not B and A.
+* **G is the plain sum** of per-example gradients.  The code divides each batch's mean loss by the batch size again,
+  so a short last batch weighs more (550 = 17·32 + 6 rows: its 6 rows count ~5× each); sign() removes a common
+  scale, not unequal weights.
 * **R = Σ_r / s**: the code sets R = Σ_r with alpha = r (s = 1) in every Fed-SB script; dividing by s gives the same
-  starting model for any ``lora.alpha``.
+  starting model for any ``lora.alpha``, but R's steps are still scaled by s: ``lora.alpha = lora.rank`` trains as
+  the code does (at alpha = 2r, a learning rate x acts like the code's 2x).
 * **The SVD** is exact (LAPACK, float64); the code uses a randomised ``svd_lowrank`` (10 iterations) cast to bf16.
 * **Averaging** is data-weighted, ``p_k = n_k / Σ n``; the code's uniform mean is the same for its equal shards.
   The head is averaged with R, as in the code.  The code's multi-round scripts never clear the list of client
@@ -72,7 +77,7 @@ class FedSB(Method):
 
         config = super().method_config(cfg)
         section = config.sections["fedsb"]
-        if section.init_lr == 0 and hasattr(cfg, "train"):
+        if section.init_lr == 0 and hasattr(cfg, "train"):  # (with local_epochs, check_config asks for init_lr)
             steps = max(1, cfg.rounds * max(1, cfg.train.local_steps))
             section = dataclasses.replace(section, init_lr=cfg.train.lr / steps)
         return dataclasses.replace(config, sections={**config.sections, "fedsb": section})
@@ -87,6 +92,10 @@ class FedSB(Method):
                               "drawn from the clients' training rows), which the clients' DP-SGD accounting does "
                               "not cover; set fedsb.unaccounted_init = true only if the server may use those rows "
                               "openly (the authors' code does so without saying)")
+        if cfg.fedsb.init_lr == 0 and cfg.train.local_epochs > 0:
+            raise ConfigError("fedsb.init_lr = 0 derives eta' = train.lr / (rounds x train.local_steps), but with "
+                              "train.local_epochs the number of local steps depends on each client's data; set "
+                              "fedsb.init_lr explicitly")
         if cfg.model.head_init == "zero":
             raise ConfigError("method 'fedsb' fits its initialisation to gradients that reach the LoRA layers "
                               "through the classification head; a zero head passes none back. Use "

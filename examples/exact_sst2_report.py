@@ -1,0 +1,118 @@
+"""Tables and the accuracy-vs-traffic plot of the exact-aggregation comparison (examples/exact_sst2.sh), from the
+finished cells kept in docs/data/exact_sst2/cells (or the directory given).
+
+A cell's score is the mean of its last three evaluations (rounds 6, 8, 10): single evaluations of a label-skewed
+federation swing by ±0.03 from one round to the next, more than most differences between methods.  Each method is
+shown at the learning rate with the best mean score over seeds; that choice is made on the same validation rows, so
+every method's number is equally optimistic.
+    python examples/exact_sst2_report.py [CELLS] [--write docs/results.md] [--plot docs/img/exact_sst2.png]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import re
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+ORDER = ["fedit", "ffa", "fedex", "rolora", "fedsvd", "lorafair", "fedsb", "fedsa"]
+NAMES = {"fedit": "FedIT", "ffa": "FFA-LoRA", "fedex": "FedEx-LoRA", "rolora": "RoLoRA", "fedsvd": "FedSVD",
+         "lorafair": "LoRA-FAIR", "fedsb": "Fed-SB", "fedsa": "FedSA-LoRA"}
+BEGIN, END = "<!-- exact-sst2 table begin -->", "<!-- exact-sst2 table end -->"
+
+
+def _last3(rows: list[dict], key: str) -> float | None:
+    values = [float(r[key]) for r in rows if r.get(key) not in (None, "")]
+    return statistics.fmean(values[-3:]) if len(values) >= 3 else None
+
+
+def read_cells(root: Path) -> dict[tuple[str, str], list[dict]]:
+    """(method, lr) → one record per finished seed."""
+    cells = defaultdict(list)
+    for d in sorted(root.iterdir()):
+        m = re.fullmatch(r"method=(\w+)__train\.lr=([\d.e+-]+)__seed=(\d+)", d.name)
+        if not m or not (d / "metrics.csv").is_file() or not (d / "summary.json").is_file():
+            continue
+        with open(d / "metrics.csv", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        personal = _last3(rows, "personal_accuracy_mean")
+        cells[(m[1], m[2])].append({
+            "seed": int(m[3]), "global": _last3(rows, "accuracy"),
+            "local": personal if personal is not None else _last3(rows, "client_accuracy_mean"),
+            "personalised": personal is not None,
+            "traffic_mb": sum(float(r["upload_bytes"]) + float(r["download_bytes"]) for r in rows) / 1e6,
+            "upload_mb": sum(float(r["upload_bytes"]) for r in rows) / 1e6})
+    return cells
+
+
+def _ms(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def tables(cells) -> tuple[str, dict[str, tuple[str, list[dict]]]]:
+    """The markdown (every learning rate, then each method at its best) and the best cell per method."""
+    lines = ["| method | lr | seeds | global accuracy | clients' own rows | traffic (MB, up + down) | upload (MB) |",
+             "|---|---|---|---|---|---|---|"]
+    best: dict[str, tuple[str, list[dict]]] = {}
+    for method in sorted({m for m, _ in cells}, key=lambda m: ORDER.index(m) if m in ORDER else 99):
+        for lr in sorted({lr for m, lr in cells if m == method}, key=float):
+            recs = sorted(cells[(method, lr)], key=lambda r: r["seed"])
+            g = [r["global"] for r in recs]
+            loc = [r["local"] for r in recs if r["local"] is not None]
+            lines.append(f"| {NAMES.get(method, method)} | {lr} | {len(recs)} | {_ms(g)} | "
+                         f"{_ms(loc) if loc else '—'}{' (own B)' if recs[0]['personalised'] else ''} | "
+                         f"{recs[0]['traffic_mb']:.1f} | {recs[0]['upload_mb']:.2f} |")
+            key = statistics.fmean(loc if recs[0]["personalised"] else g)
+            if method not in best or key > best[method][2]:
+                best[method] = (lr, recs, key)
+    return "\n".join(lines), {m: (lr, recs) for m, (lr, recs, _) in best.items()}
+
+
+def plot(best, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for method, (lr, recs) in best.items():
+        x = recs[0]["traffic_mb"]
+        personal = recs[0]["personalised"]
+        ys = [r["local"] if personal else r["global"] for r in recs]
+        mean = statistics.fmean(ys)
+        err = statistics.stdev(ys) if len(ys) > 1 else 0.0
+        ax.errorbar([x], [mean], yerr=[err], fmt="o" if not personal else "s", capsize=3,
+                    label=f"{NAMES.get(method, method)} (lr {lr}{', own rows' if personal else ''})")
+    ax.set_xscale("log")
+    ax.set_xlabel("total traffic over 10 rounds, 3 clients (MB, upload + download, log scale)")
+    ax.set_ylabel("SST-2 accuracy (mean of last 3 evaluations)")
+    ax.set_title("Exact aggregation on SST-2 (MiniLM, r = 8, label skew): each method at its best lr")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("cells", nargs="?", default="docs/data/exact_sst2/cells")
+    ap.add_argument("--write", help="replace the table between the markers in this Markdown file")
+    ap.add_argument("--plot", help="write the accuracy-vs-traffic plot here")
+    args = ap.parse_args()
+    table, best = tables(read_cells(Path(args.cells)))
+    print(table)
+    if args.write:
+        doc = Path(args.write)
+        text = doc.read_text(encoding="utf-8")
+        start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+        doc.write_text(text[:start] + "\n" + table + "\n" + text[end:], encoding="utf-8")
+    if args.plot:
+        plot(best, Path(args.plot))
+
+
+if __name__ == "__main__":
+    main()
