@@ -36,8 +36,17 @@ def test_every_registered_method_runs_a_round_and_exports_a_peft_adapter(name, t
     assert all(torch.isfinite(v).all() for v in flat.values())
     summary = json.loads((res.run_dir / "summary.json").read_text())
     assert summary["method"] == name
-    _, model = load_adapter(res.run_dir)  # what a user loads: PEFT on the base model
+    tokenizer, model = load_adapter(res.run_dir)  # what a user loads: PEFT on the base model
     assert any("lora_B" in k for k, _ in model.named_parameters())
+    # ... gives the model the run scored: the same validation loss, so evaluation and export agree for every method
+    # (a base offset, a folded core or a merged stack included)
+    from fedlora.engine.prepare import prepare
+
+    cfg = load_config(None, [*TOY, f"model.name={toy_model_dir}", f"method={name}", *get_method(name).minimal_overrides])
+    prepared = prepare(cfg)
+    _, _, global_val = prepared.task.client_examples(tokenizer, prepared, cfg.model.max_length)
+    scored = prepared.task.score(model, tokenizer, global_val, cfg, False)
+    assert scored["eval_loss"] == pytest.approx(rows[0]["eval_loss"], rel=1e-4, abs=1e-5)
     if not get_method(name)(load_config(None, [f"method={name}"])).personal_roles():
         assert any(float(m.B.abs().max()) > 0 for m in res.adapter.modules.values()), "no LoRA B factor moved"
         return
