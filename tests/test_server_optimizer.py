@@ -108,8 +108,8 @@ def test_averaging_methods_step_with_the_server_optimizer_and_keep_its_state(met
 def test_methods_with_their_own_server_rule_refuse_a_server_optimizer():
     from fedlora.engine.simulation import prepare
 
-    for method, hint in [("flexlora", "fedit, fedsa, ffa, rolora"), ("hetlora", "fedit, fedsa, ffa, rolora"),
-                         ("flora", "fedit, fedsa, ffa, rolora"), ("fedex", "exact remainder"),
+    for method, hint in [("flexlora", "fedit, fedsa, fedsb, ffa, rolora"), ("hetlora", "fedit, fedsa, fedsb, ffa, rolora"),
+                         ("flora", "fedit, fedsa, fedsb, ffa, rolora"), ("fedex", "exact remainder"),
                          ("fedsvd", "SVD"), ("lorafair", "refinement"), ("pilot", "pilot.server_lr")]:
         cfg = load_config(None, [f"method={method}", "server.optimizer=fedadam", "memory.budgets=[0.5, 1.0]"])
         with pytest.raises(ConfigError, match=hint):
