@@ -25,10 +25,13 @@ def read_cells(root: Path) -> dict[tuple[str, str, str, int], dict]:
         if not m or not (d / "summary.json").is_file():
             continue
         with open(d / "metrics.csv", newline="") as fh:
-            accs = [float(r["accuracy"]) for r in csv.DictReader(fh) if r.get("accuracy")]
+            rows = list(csv.DictReader(fh))
+        accs = [float(r["accuracy"]) for r in rows if r.get("accuracy")]
         summary = json.loads((d / "summary.json").read_text())
+        # the rounds' own times: summary.json's wall_s covers only the last process of a resumed cell
+        wall = sum(float(r["wall_s"]) for r in rows if r.get("wall_s"))
         out[(m[1], m[2], m[3], int(m[4]))] = {"accs": accs, "final": summary["final_accuracy"],
-                                              "wall": summary.get("wall_s"), "eps": summary.get("max_epsilon")}
+                                              "wall": wall, "eps": summary.get("max_epsilon")}
     return out
 
 
