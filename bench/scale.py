@@ -39,7 +39,9 @@ def main() -> int:
     args = ap.parse_args()
     data = Path(args.data)
     if not (data / "train.jsonl.gz").is_file():
-        print(f"data not found: {data} (pass --data)", file=sys.stderr)
+        print(f"FlexLoRA's 1,613-client SuperNI release is not at {data}: it is not bundled with the package (11 MB); "
+              f"get folder data/1613 of alibaba/FederatedScope (branch FlexLoRA) as train.jsonl.gz, "
+              f"validation.jsonl.gz and tasks.jsonl, and pass --data DIR", file=sys.stderr)
         return 2
     cfg = load_config(None, [
         f"method={args.method}", f"rounds={args.rounds}", 'model.name="smollm2"', "model.max_length=96",

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from fedlora.cli import main
-from fedlora.compare import Cell, parse_grid, parse_method_overrides, plan_cells
+from fedlora.grid import Cell, parse_grid, parse_method_overrides, plan_cells
 from fedlora.errors import ConfigError
 
 TINY = ["--set", "rounds=1", "--set", "data.max_train_examples=48", "--set", "data.max_eval_examples=16",
@@ -129,7 +129,7 @@ def test_report_lays_out_a_two_key_grid_and_plots_privacy_spent(tmp_path):
     """partition × ε cells: accuracy panels in rows × columns, privacy.png from the rounds' ε (no model runs)."""
     from matplotlib.image import imread
 
-    from fedlora.compare import report_compare
+    from fedlora.grid import report_compare
 
     plan = []
     for method in ("fedit", "ffa"):

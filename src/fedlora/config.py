@@ -10,8 +10,10 @@ loaded; each error names the key, the value and what would be valid::
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+import os
 import sys
 import typing
 from dataclasses import dataclass, field, fields
@@ -25,7 +27,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 from fedlora.config_checks import validate
 from fedlora.config_fields import (FedExConfig, FedSBConfig, FedSVDConfig, FlexLoraConfig, FloraConfig,
-                                   HetLoraConfig, LoRAFAIRConfig, PilotConfig, _f)
+                                   HetLoraConfig, LoRAFAIRConfig, PilotConfig, TrackConfig, _f)
 from fedlora.errors import ConfigError
 
 
@@ -222,6 +224,7 @@ class ExperimentConfig:
     fedsb: FedSBConfig = field(default_factory=FedSBConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     pilot: PilotConfig = field(default_factory=PilotConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -280,6 +283,32 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+_PATH_KEYS = {"data": ("train", "validation", "instructions"), "model": ("name", "cache_dir"), "track": ("mlflow",)}
+
+
+def _absolute_paths(data: dict, base: Path) -> None:
+    """Make the local paths of ``data`` absolute against ``base`` (the config file's folder, or the working directory
+    for ``--set``), so that a saved config.toml works from anywhere.  Data sources ``bundled:``/``hf:`` and model
+    aliases or hub ids are left alone; ``model.name`` counts as a path when it exists there or starts with ``.``.  A
+    file path missing beside the config but present in the working directory is taken from there (older configs)."""
+    for section, keys in _PATH_KEYS.items():
+        values = data.get(section)
+        for key in keys if isinstance(values, dict) else ():
+            v = values.get(key)
+            if key == "mlflow" and isinstance(v, str) and v.startswith("sqlite:///") and v[10:11] != "/":
+                values[key] = "sqlite:///" + os.path.normpath(base / v[10:])  # a relative SQLite store
+                continue
+            if key == "mlflow" or not isinstance(v, str) or not v or v.startswith(("bundled:", "hf:")):
+                continue
+            path = Path(v).expanduser()
+            if key == "name" and not (v.startswith(".") or (base / path).exists() or path.is_absolute()):
+                continue
+            root = base
+            if not path.is_absolute() and not (base / path).exists() and path.exists():
+                root = Path.cwd()  # a config written when paths were read from the working directory
+            values[key] = os.path.normpath(path if path.is_absolute() else root / path)
+
+
 def from_toml(text: str, where: str = "config") -> ExperimentConfig:
     """Defaults <- the TOML ``text``, then :func:`validate` (no overrides)."""
     cfg = ExperimentConfig()
@@ -303,14 +332,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             data = tomllib.loads(p.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+        _absolute_paths(data, p.absolute().parent)  # paths in a config file are relative to that file
         _apply(cfg, data)
-    for item in overrides or []:
+    return _overridden(cfg, overrides or [])
+
+
+def with_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
+    """A validated copy of ``cfg`` with ``KEY=VALUE`` overrides applied (``cfg`` itself is not changed)."""
+    return _overridden(copy.deepcopy(cfg), overrides)
+
+
+def _overridden(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
+    for item in overrides:
         parts, value = _parse_override(item)
         nested: dict = {}
         cursor = nested
         for part in parts[:-1]:
             cursor = cursor.setdefault(part, {})
         cursor[parts[-1]] = value
+        _absolute_paths(nested, Path.cwd())  # --set paths: relative to the working directory
         _apply(cfg, nested)
     validate(cfg)
     return cfg

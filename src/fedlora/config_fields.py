@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedlora.config_checks import _need as need
+from fedlora.errors import ConfigError
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -126,3 +127,26 @@ class FedSBConfig:
         need(self.init_examples >= 1, "fedsb.init_examples", self.init_examples, "a positive integer")
         need(self.init_lr >= 0 and math.isfinite(self.init_lr), "fedsb.init_lr", self.init_lr,
              "a non-negative finite number (0 = train.lr / total local steps)")
+
+
+TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+"""Tracking backend -> the module it needs (installed with the extra of the same name: pip install fedlora[mlflow])."""
+
+
+@dataclass
+class TrackConfig:
+    tensorboard: bool = _f(False, "Write TensorBoard event files under the run directory (tensorboard --logdir runs). "
+                           "Needs the 'tensorboard' extra.")
+    mlflow: str = _f("", "Log to MLflow at this tracking URI (e.g. 'sqlite:///runs/mlflow.db', 'http://host:5000'); "
+                     "'' = off. Needs the 'mlflow' extra.")
+    wandb: str = _f("", "Log to Weights & Biases: 'offline' (files under the run directory; `wandb sync` later) or "
+                    "'online'; '' = off. Needs the 'wandb' extra.", choices=("", "offline", "online"))
+    experiment: str = _f("fedlora", "MLflow experiment / W&B project the runs are logged to.")
+
+    def check(self) -> None:
+        import importlib.util
+
+        need(bool(self.experiment.strip()), "track.experiment", self.experiment, "a non-empty name")
+        for key, module in TRACKERS.items():
+            if getattr(self, key) and importlib.util.find_spec(module) is None:
+                raise ConfigError(f"track.{key} needs the {module!r} package: pip install 'fedlora[{key}]'")

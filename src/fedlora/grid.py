@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from fedlora.config import ExperimentConfig, from_toml, load_config, to_toml
+from fedlora.config_ignored import non_private_dp, result_settings
 from fedlora.errors import ConfigError
 from fedlora.report import read_metrics
 
@@ -61,6 +62,15 @@ def parse_grid(specs: list[str]) -> list[tuple[str, list[str]]]:
             raise ConfigError(f"--grid expects KEY=V1,V2,..., got {spec!r}")
         if key.strip() in ("method", "seed"):
             raise ConfigError(f"--grid {key}: use --methods / --seeds for that")
+        if key.strip() == "dp.epsilon":
+            for v in vals:
+                try:
+                    eps = float(v)
+                except ValueError:
+                    eps = -1.0
+                if not eps > 0:
+                    raise ConfigError(f"--grid dp.epsilon: each value must be a positive number or inf (no DP), "
+                                      f"got {v!r}")
         out.append((key.strip(), vals))
     return out
 
@@ -108,7 +118,7 @@ def plan_cells(config: str | None, overrides: list[str], methods: list[str], see
                                       + cell.overrides())
                 except ConfigError as exc:
                     raise ConfigError(f"cell {cell.name}: {exc}") from None
-                cells.append((cell, cfg))
+                cells.append((cell, non_private_dp(cfg)))  # a non-private cell reads nothing of [dp]
     return cells
 
 
@@ -132,7 +142,7 @@ def run_compare(cells: list[tuple[Cell, ExperimentConfig]], out: Path, progress:
         if (d / "summary.json").is_file():
             # compared as settings, not text: a key added by a later fedlora version reads as its default
             kept = from_toml((d / "config.toml").read_text(encoding="utf-8"), where=f"{d / 'config.toml'}")
-            if to_toml(kept) != to_toml(cfg):
+            if to_toml(result_settings(kept)) != to_toml(result_settings(cfg)):
                 raise ConfigError(f"cell {cell.name} in {out} finished with a different configuration than this "
                                   f"command gives it; use another --out (or the original options) so results of "
                                   f"different settings are not mixed")
@@ -374,7 +384,7 @@ def report_run(run_dir: Path) -> None:
 
     rows = read_metrics(run_dir)
     if not rows:
-        raise ConfigError(f"{run_dir} has no metrics.jsonl to report")
+        raise ConfigError(f"{run_dir}/metrics.jsonl has no rounds yet: nothing to report")
     log = MetricsLog(run_dir)
     log.rows = rows
     log.write_csv()

@@ -246,12 +246,15 @@ def load_peft_adapter(base_model: nn.Module, folder: Path):
     return model
 
 
-def adapter_info(model, cfg, label_names: list | None) -> dict:
+def adapter_info(model, cfg, label_names: list | None, columns: dict | None = None) -> dict:
     """What a loader needs beyond PEFT's files to rebuild the run's exact model: the pooling (a stock
     ``AutoModelForSequenceClassification`` classifies from BERT's pooler), the labels in order, task and method."""
     from fedlora import __version__
 
-    info = {"fedlora_version": __version__, "task": cfg.data.task, "method": cfg.method, "base_model": cfg.model.name}
+    info = {"fedlora_version": __version__, "task": cfg.data.task, "method": cfg.method, "base_model": cfg.model.name,
+            "max_length": cfg.model.max_length}
+    if columns is not None:  # what `fedlora predict/generate --file` reads (the task's recorded_columns)
+        info["columns"] = columns
     if label_names is not None:  # a classifier (a causal LM has no labels)
         base = getattr(model, "base_model", model)
         config = getattr(getattr(base, "model", base), "config", None)

@@ -46,6 +46,24 @@ def cache_root(model_cfg=None) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "fedlora"
 
 
+def _gguf_and_cache(name: str, model_cfg=None) -> tuple[Path, Path]:
+    gguf = _package_dir(name) / GGUF_FILES[name]
+    if not gguf.is_file():
+        raise ModelError(f"bundled model {name!r}: {gguf} is missing")
+    st = gguf.stat()
+    return gguf, cache_root(model_cfg) / "models" / f"{gguf.stem}-{st.st_size}-{int(st.st_mtime)}"
+
+
+def local_model_folder(model_cfg) -> Path | None:
+    """The local folder ``model.name`` loads from, without loading or converting anything; None for a hub id or a
+    GGUF model not converted yet.  A missing local path is a :class:`ModelError` here already."""
+    if model_cfg.name in GGUF_FILES:
+        folder = _gguf_and_cache(model_cfg.name, model_cfg)[1]
+        return folder if (folder / "config.json").is_file() else None
+    path = Path(resolve_model_path(model_cfg.name, model_cfg))
+    return path if path.is_dir() else None
+
+
 def converted_gguf(name: str, model_cfg=None, log=None) -> Path:
     """The bundled GGUF model ``name`` as an fp32 Hugging Face folder, converted once and cached.
 
@@ -54,11 +72,7 @@ def converted_gguf(name: str, model_cfg=None, log=None) -> Path:
     cache key includes the GGUF file's size and mtime, and the folder appears atomically (written to a temporary
     name, then renamed), so concurrent or interrupted conversions never leave a half-written model behind.
     """
-    gguf = _package_dir(name) / GGUF_FILES[name]
-    if not gguf.is_file():
-        raise ModelError(f"bundled model {name!r}: {gguf} is missing")
-    st = gguf.stat()
-    target = cache_root(model_cfg) / "models" / f"{gguf.stem}-{st.st_size}-{int(st.st_mtime)}"
+    gguf, target = _gguf_and_cache(name, model_cfg)
     if (target / "config.json").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -51,7 +51,7 @@ def draw_types(distribution: str, num_clients: int, seed: int) -> list[int]:
     return [int(i) for i in rng.choice(len(probs), size=num_clients, p=probs / probs.sum())]
 
 
-def _pair(entry) -> RankConfig:
+def rank_pair(entry) -> RankConfig:
     return (int(entry), int(entry)) if isinstance(entry, int) else (int(entry[0]), int(entry[1]))
 
 
@@ -61,8 +61,8 @@ def client_rank_configs(lora_cfg, num_clients: int, seed: int) -> list[RankConfi
     if dist == "homogeneous":
         return [(lora_cfg.rank, lora_cfg.rank)] * num_clients
     if dist == "explicit":
-        return [_pair(e) for e in lora_cfg.client_ranks]
-    types = [_pair(t) for t in lora_cfg.rank_types]
+        return [rank_pair(e) for e in lora_cfg.client_ranks]
+    types = [rank_pair(t) for t in lora_cfg.rank_types]
     return [types[i] for i in draw_types(dist, num_clients, seed)]
 
 

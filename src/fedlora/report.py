@@ -7,6 +7,8 @@ import math
 import os
 from pathlib import Path
 
+from fedlora.errors import DataError
+
 # Columns every metrics.csv starts with (the interface contract); per-client columns follow.
 BASE_COLUMNS = ["round", "loss", "accuracy", "eval_loss", "upload_bytes", "download_bytes", "epsilon",
                 "clients", "wall_s"]
@@ -87,11 +89,38 @@ def _csv_cell(v):
     return v
 
 
+def json_object_lines(path: Path, damaged: str = "") -> list[dict]:
+    """Every non-blank line of a JSON Lines file as an object; a :class:`DataError` names the line that is not one
+    (``damaged`` is appended to the message)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}){damaged}") from None
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise DataError(f"{path} line {i} is not JSON ({exc}){damaged}") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path} line {i} is not a JSON object{damaged}")
+        rows.append(row)
+    return rows
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The rows of ``run_dir/metrics.jsonl`` ([] when there is none); a damaged file is a :class:`DataError` naming
+    the line, not a traceback."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = json_object_lines(path, "; the file is damaged")
+    bad = next((i for i, row in enumerate(rows, 1) if "round" not in row), None)
+    if bad is not None:
+        raise DataError(f"{path}: row {bad} is not a metrics row (no 'round'); the file is damaged")
+    return rows
 
 
 def plot_run(rows: list[dict], path: Path, title: str = "") -> None:

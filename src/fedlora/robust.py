@@ -1,4 +1,4 @@
-"""Robustness around aggregation (DESIGN.md: wrappers, not branches inside methods).
+"""Robustness around aggregation (docs/architecture.md: wrappers, not branches inside methods).
 
 :class:`RobustAggregation` wraps a method the way Flower's robust and DP strategies wrap an inner strategy: the
 method stays as written, and the wrapper (made by :func:`with_robust` from the ``robust`` config section) bounds each

@@ -45,6 +45,20 @@ class Classification(ClassificationTask):
     headline_label: ClassVar[str] = "validation accuracy"
     round_fields: ClassVar[tuple[tuple[str, str], ...]] = (("accuracy", "val acc"),)
     """Metrics the round's console line shows, with their labels."""
+    own_keys: ClassVar[tuple[str, ...]] = ("data.text_column", "data.text_pair_column", "data.label_column",
+                                           "data.labels", "data.holdout")
+    """Config keys only this task reads (a non-default value under another task is refused as ignored)."""
+    pipeline_tag: ClassVar[str] = "text-classification"
+    """The Hugging Face Hub's name for what the adapter does (its model card)."""
+    use_command: ClassVar[str] = "predict"
+    """The fedlora command that uses an adapter of this task, and an example input for it."""
+    example_input: ClassVar[str] = "a gripping, beautifully acted film"
+    default_columns: ClassVar[dict[str, str]] = {"text": "sentence", "text_pair": "", "label": "label"}
+
+    @staticmethod
+    def recorded_columns(data_cfg) -> dict[str, str]:
+        """The columns an adapter's inputs are read from (``fedlora.json``: ``predict --file`` uses the run's)."""
+        return {"text": data_cfg.text_column, "text_pair": data_cfg.text_pair_column, "label": data_cfg.label_column}
 
     def check_partition(self, cfg) -> None:
         """Any partition works: labels are known for every row."""
@@ -95,6 +109,18 @@ class Instruction(InstructionTask):
     headline_label: ClassVar[str] = "rougeL"
     round_fields: ClassVar[tuple[tuple[str, str], ...]] = (("rougeL_teacher_forced", "unseen rougeL-tf"),
                                                            ("rougeL", "rougeL"))
+    own_keys: ClassVar[tuple[str, ...]] = ("data.instruction_column", "data.input_column", "data.output_column",
+                                           "data.instructions", "data.loss_on", "eval.max_new_tokens",
+                                           "eval.generate_every")
+    pipeline_tag: ClassVar[str] = "text-generation"
+    use_command: ClassVar[str] = "generate"
+    example_input: ClassVar[str] = "Translate to French: good morning"
+    default_columns: ClassVar[dict[str, str]] = {"instruction": "definition", "input": "input", "output": "output"}
+
+    @staticmethod
+    def recorded_columns(data_cfg) -> dict[str, str]:
+        return {"instruction": data_cfg.instruction_column, "input": data_cfg.input_column,
+                "output": data_cfg.output_column}
 
     def check_partition(self, cfg) -> None:
         if cfg.clients.partition != "by_task":
@@ -143,6 +169,14 @@ class Instruction(InstructionTask):
 
 
 TASKS: dict[str, type] = {"classification": Classification, "instruction": Instruction}
+
+
+def task_class(name: str) -> type:
+    """The registered task class named ``name`` (``data.task``, or an adapter folder's recorded task)."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ConfigError(f"unknown task {name!r}; available: {', '.join(sorted(TASKS))}") from None
 
 
 def make_task(cfg):

@@ -20,7 +20,6 @@ from fedlora.errors import ConfigError, DataError
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"  # ../shared/data beside the checkout
 SNI = SHARED / "super_natural_instructions"
 F1613 = SHARED / "flexlora_1613"
-DOLLY = SHARED / "dolly15k" / "databricks-dolly-15k.jsonl.gz"
 
 ROWS = [
     {"task_id": "t1", "definition": "Answer the question.", "input": "What is 2+2?", "output": "4"},
@@ -441,14 +440,15 @@ def test_flexlora_1613_joins_definitions_from_tasks_file():
     assert len(set(task.groups(task.val_rows))) > 1500
 
 
-@pytest.mark.skipif(not DOLLY.is_file(), reason="dolly15k not present")
-def test_dolly_reads_through_the_same_loader_with_its_column_names(tok):
-    data = load_config(None, ["data.task=instruction", f"data.train={DOLLY}", f"data.validation={DOLLY}",
-                              "data.instruction_column=instruction", "data.input_column=context",
-                              "data.output_column=response", "data.client_column=category",
-                              "data.max_train_examples=50", "data.max_eval_examples=10"]).data
+def test_bundled_dolly_reads_through_the_same_loader_with_its_column_names(tok):
+    """Dolly-15k ships with the package: 14,931 training rows in Shepherd's 10 client files, 80 test rows."""
+    data = load_config(None, ["data.task=instruction", "data.train=bundled:dolly/train",
+                              "data.validation=bundled:dolly/test", "data.instruction_column=instruction",
+                              "data.input_column=context", "data.output_column=response",
+                              "data.client_column=shepherd_partition", "data.max_train_examples=50"]).data
     task = InstructionTask(data, seed=0)
-    assert len(task.train_rows) == 50 and len(set(task.groups(task.train_rows))) > 1
+    assert len(task.train_rows) == 50 and len(task.val_rows) == 80 and len(set(task.groups(task.train_rows))) > 1
+    assert {r["shepherd_partition"] for r in task.val_rows} == {"global_test"}
     ex = task.tokenise(tok, task.train_rows[:4], 128)
     assert len(ex) == 4 and all(len(ids) <= 128 for ids in ex.input_ids)
 

@@ -158,3 +158,41 @@ def test_fed_pilot_assigns_smollm2_blocks_within_budgets(tmp_path):
         assert all(0 <= j < LAYERS for j in layers)
     assert len(row["layers_trained"]["2"]) == LAYERS  # the full budget trains every block
     assert 0 < len(row["layers_trained"]["0"]) < LAYERS
+
+
+def test_generate_continues_the_training_prompt_greedily(runs, tmp_path, capsys):
+    """`fedlora generate` (issue 19): the prompt is the one training built (Alpaca template, the run's columns and
+    truncation), and the response is the adapter model's greedy continuation up to eos or max_new_tokens."""
+    import fedlora
+    from fedlora.cli import main
+    from fedlora.data.instruction import InstructionTask
+    from fedlora.models import load_adapter, load_causal_lm
+
+    run = runs["fedit"].run_dir
+    cfg = _cfg("fedit")
+    task = InstructionTask(cfg.data, seed=cfg.seed)
+    rows = task.val_rows[:2]
+    texts = fedlora.generate(run, rows, max_new_tokens=4)
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    tok, _ = load_causal_lm(cfg.model)
+    blank = [{**r, cfg.data.output_column: ""} for r in rows]
+    prompts = InstructionTask.prompts_only({"instruction": "definition", "input": "input", "output": "output"})
+    assert prompts.tokenise(tok, blank, 80).prompt_ids == task.tokenise(tok, blank, 80).prompt_ids
+    _, model = load_adapter(run)
+    ids = torch.tensor([task.tokenise(tok, blank[:1], 80).prompt_ids[0]])
+    with torch.no_grad():
+        for _ in range(4):  # greedy by hand
+            nxt = model(input_ids=ids).logits[0, -1].argmax()
+            if int(nxt) == tok.eos_token_id:
+                break
+            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+    prompt_len = len(task.tokenise(tok, blank[:1], 80).prompt_ids[0])
+    assert texts[0] == tok.decode(ids[0, prompt_len:], skip_special_tokens=True)
+    assert fedlora.generate(run, [(rows[0]["definition"], rows[0]["input"])], max_new_tokens=4) == texts[:1]
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"definition": rows[0]["definition"], "input": rows[0]["input"], "id": 3}) + "\n")
+    assert main(["generate", str(run), "--file", str(src), "--max-new-tokens", "4"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["id"] == 3 and out["generated"] == texts[0]
+    assert main(["predict", str(run), "a text"]) == 2
+    assert "needs a classification adapter" in capsys.readouterr().err

@@ -137,7 +137,15 @@ def test_impossible_dp_budget_is_refused_before_the_model_loads(tmp_path, tiny_c
     assert not (tmp_path / "run").exists()
 
 
-def test_existing_run_dir_is_not_overwritten(tmp_path, tiny_config):
+def test_existing_run_dir_is_not_overwritten(tmp_path, tiny_config, monkeypatch):
+    """Refused before the data is read or the model loads (issue 19)."""
+    from fedlora.engine import loop
+
+    def no_work(*_):
+        raise AssertionError("the run directory must be checked before any work")
+
+    monkeypatch.setattr(loop, "prepare", no_work)
+    monkeypatch.setattr(loop, "build_engine", no_work)
     d = tmp_path / "run"
     d.mkdir()
     (d / "metrics.jsonl").write_text("{}\n")

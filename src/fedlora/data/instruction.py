@@ -12,6 +12,7 @@ masked (-100).  The loss is a mean over examples of each example's mean token NL
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from torch import Tensor
 
 from fedlora.data.rouge import rouge_l
 from fedlora.data.sources import read_rows
+from fedlora.data.tokens import bos_prefix, device_of, encode_texts
 from fedlora.errors import ConfigError, DataError
 
 ALPACA_PROMPT_WITH_INPUT = (
@@ -99,6 +101,15 @@ class InstructionTask:
         self._instructions = self._load_instructions(data_cfg.instructions) if data_cfg.instructions else None
         self.train_rows = self._load(data_cfg.train, data_cfg.max_train_examples, "train")
         self.val_rows = self._load(data_cfg.validation, data_cfg.max_eval_examples, "validation")
+
+    @classmethod
+    def prompts_only(cls, columns: dict) -> "InstructionTask":
+        """A task that reads no data: builds prompts at inference (``fedlora generate``) with the run's columns."""
+        task = cls.__new__(cls)
+        task.cfg = SimpleNamespace(instruction_column=columns["instruction"], input_column=columns.get("input", ""),
+                                   output_column=columns["output"], loss_on="all")
+        task.seed, task._instructions, task.train_rows, task.val_rows = 0, None, [], []
+        return task
 
     # ------------------------------------------------------------------ loading and validation
     def _load_instructions(self, source: str) -> dict[str, str]:
@@ -203,9 +214,9 @@ class InstructionTask:
         if eos is None:
             raise ConfigError("the tokenizer has no eos token; instruction tuning appends one to each response")
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-        prefix = _bos_prefix(tokenizer)
-        parts_in = _encode(tokenizer, _template_parts(ALPACA_PROMPT_WITH_INPUT))
-        parts_no = _encode(tokenizer, _template_parts(ALPACA_PROMPT_NO_INPUT))
+        prefix = bos_prefix(tokenizer)
+        parts_in = encode_texts(tokenizer, _template_parts(ALPACA_PROMPT_WITH_INPUT))
+        parts_no = encode_texts(tokenizer, _template_parts(ALPACA_PROMPT_NO_INPUT))
         fixed_in = len(prefix) + sum(map(len, parts_in))
         cap = max_length // 3
         if max_length - cap - fixed_in < 2:
@@ -213,10 +224,10 @@ class InstructionTask:
             raise ConfigError(f"model.max_length = {max_length} is too small for instruction tuning: the Alpaca "
                               f"template alone takes {fixed_in} tokens with this tokenizer and the response may take "
                               f"max_length // 3; use model.max_length >= {need}")
-        instructions = _encode(tokenizer, [r[c.instruction_column] for r in rows])
+        instructions = encode_texts(tokenizer, [r[c.instruction_column] for r in rows])
         input_texts = [self._input_text(r) for r in rows]
-        inputs = _encode(tokenizer, input_texts)
-        outputs = _encode(tokenizer, [r[c.output_column] for r in rows])
+        inputs = encode_texts(tokenizer, input_texts)
+        outputs = encode_texts(tokenizer, [r[c.output_column] for r in rows])
         all_ids, all_labels, all_prompts, refs = [], [], [], []
         for row, ins, inp, has_input, out in zip(rows, instructions, inputs, input_texts, outputs):
             response = (out + [eos])[:cap]
@@ -244,7 +255,7 @@ class InstructionTask:
         """Mean over examples of each example's mean token NLL over its label positions (logits[:, :-1] predict
         labels[:, 1:]); an example without label tokens contributes 0.  Computed outside the model: HF's internal
         loss is a mean over all tokens of the batch, which Opacus cannot use."""
-        device = _device(model)
+        device = device_of(model)
         labels = batch["labels"].to(device)
         logits, start = _label_logits(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), labels)
         return _per_example_nll(logits, labels[:, start:]).mean()
@@ -273,7 +284,7 @@ class InstructionTask:
             return out
         was_training = model.training
         model.eval()
-        device = _device(model)
+        device = device_of(model)
         try:
             total_loss, tf_total = 0.0, 0.0
             order = np.argsort([len(x) for x in examples.input_ids], kind="stable")
@@ -366,30 +377,3 @@ def _per_example_nll(logits: Tensor, labels: Tensor) -> Tensor:
     nll = F.cross_entropy(picked, shift_labels[keep], reduction="none")
     total = torch.zeros(labels.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
     return total / keep.sum(dim=1).clamp(min=1)
-
-
-def _device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError):
-        return torch.device("cpu")
-
-
-def _bos_prefix(tokenizer) -> list[int]:
-    """[bos] when the tokenizer prepends it by default (LLaMA-style), else []."""
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        return []
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return [bos] if ids and ids[0] == bos else []
-
-
-def _encode(tokenizer, texts: list[str], chunk: int = 1024) -> list[list[int]]:
-    """Token ids of each text (no special tokens); each distinct non-empty text is tokenised once, in batches."""
-    unique = [t for t in dict.fromkeys(texts) if t]
-    table: dict[str, list[int]] = {"": []}
-    for start in range(0, len(unique), chunk):
-        part = unique[start:start + chunk]
-        for text, ids in zip(part, tokenizer(part, add_special_tokens=False)["input_ids"]):
-            table[text] = list(ids)
-    return [table[t] for t in texts]

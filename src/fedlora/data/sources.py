@@ -23,6 +23,12 @@ BUNDLED: dict[str, Path] = {
     "superni/validation": _BUNDLED_DIR / "superni_validation.jsonl.gz",
     "superni/test": _BUNDLED_DIR / "superni_test.jsonl.gz",
     "superni/tasks": _BUNDLED_DIR / "superni_tasks.jsonl.gz",
+    "rte/train": _BUNDLED_DIR / "rte_train.jsonl.gz",
+    "rte/validation": _BUNDLED_DIR / "rte_validation.jsonl.gz",
+    "mnli/train": _BUNDLED_DIR / "mnli_train.jsonl.gz",
+    "mnli/validation": _BUNDLED_DIR / "mnli_validation.jsonl.gz",
+    "dolly/train": _BUNDLED_DIR / "dolly_train.jsonl.gz",
+    "dolly/test": _BUNDLED_DIR / "dolly_test.jsonl.gz",
 }
 
 

@@ -201,6 +201,10 @@ def run_on_grid(grid, run_config: dict, log=print):
     from fedlora.engine.loop import run_experiment
 
     cfg = resolve_config(run_config)
+    if not run_config.get("resume", False):
+        from fedlora.config_ignored import refuse_ignored
+
+        refuse_ignored(cfg)  # as `fedlora run`: a setting this run would not read is an error, not a surprise
     out_dir = str(run_config.get("out-dir", "")).strip() or f"runs/flower-{datetime.now():%Y%m%d-%H%M%S}"
     collect = FlowerRound(grid, cfg, min_replies=int(run_config.get("min-replies", 0)),
                           round_timeout=float(run_config.get("round-timeout", 0)),

@@ -1,4 +1,4 @@
-"""The round loop both engines run (DESIGN.md)::
+"""The round loop both engines run (docs/architecture.md, "How a round flows")::
 
     plans = method.configure(t, state, sampled)            # what each client gets
     received = collect(t, plans, ...)                      # in process, or by Flower's SuperNodes
@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,15 +27,18 @@ from fedlora.engine.client_round import RoundUpdates
 from fedlora.engine.client_state import ClientStates
 from fedlora.engine.evaluate import evaluate_global, per_client_evaluation, personal_scores
 from fedlora.engine.prepare import partition_digest, prepare, sample_clients
-from fedlora.engine.rundir import (check_resume_config, default_run_dir, export_adapter, fault_point, open_run_dir,
-                                   write_clients_file)
+from fedlora.engine.preflight import preflight_model
+from fedlora.engine.rundir import (check_resume_config, check_run_dir, default_run_dir, export_adapter, fault_point,
+                                   open_run_dir, write_clients_file)
 from fedlora.engine.runtime import build_engine, build_method
 from fedlora.engine.weight_gradients import summed_weight_gradients
 from fedlora.memory import release_freed_memory, return_large_frees_promptly
 from fedlora.methods.base import ServerState
+from fedlora.model_card import command_line, write_model_card
 from fedlora.privacy import ClientAccountant
 from fedlora.ranks import describe_config
 from fedlora.report import MetricsLog, plot_run
+from fedlora.tracking import Trackers
 
 
 @dataclass
@@ -62,13 +66,17 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, pro
     threads = torch.get_num_threads()
     if cfg.model.threads:
         torch.set_num_threads(cfg.model.threads)
+    opened: list[Trackers] = []
     try:
-        return _run(cfg, out_dir, progress, log, resume, collect, evaluate_clients or evaluate_in_process)
+        return _run(cfg, out_dir, progress, log, resume, collect, evaluate_clients or evaluate_in_process, opened)
     finally:
+        for trackers in opened:  # a run that stopped early is marked so in its tracking runs
+            trackers.close()
         torch.set_num_threads(threads)  # model.threads is this run's, not the caller's process-wide setting
 
 
-def _run(cfg: ExperimentConfig, out_dir, progress: bool, log, resume: bool, collect, evaluate_clients) -> RunResult:
+def _run(cfg: ExperimentConfig, out_dir, progress: bool, log, resume: bool, collect, evaluate_clients,
+         opened: list) -> RunResult:
     t_start = time.time()
     return_large_frees_promptly()
     ckpt = None
@@ -77,9 +85,13 @@ def _run(cfg: ExperimentConfig, out_dir, progress: bool, log, resume: bool, coll
             raise CheckpointError("resume needs the run directory")
         ckpt = load_checkpoint(Path(out_dir))
         check_resume_config(ckpt.config_toml, cfg)
+    run_dir = Path(out_dir) if out_dir else default_run_dir(cfg)
+    if ckpt is None:
+        check_run_dir(run_dir)
+    preflight_model(cfg)  # targets and ranks from the weight files' headers, before the data is read
     prepared = prepare(cfg)
-    run_dir = open_run_dir(Path(out_dir) if out_dir else default_run_dir(cfg)) if ckpt is None else Path(out_dir)
-    (run_dir / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
+    if cfg.lora.rank_distribution not in ("homogeneous", "explicit"):
+        preflight_model(cfg, set(prepared.rank_configs))  # the drawn rank types
     n_clients = len(prepared.clients)
     sizes = [len(c.train_rows) for c in prepared.clients]
     shown = ", ".join(map(str, sizes)) if n_clients <= 16 else f"{min(sizes)}–{max(sizes)} each, {sum(sizes)} in all"
@@ -89,6 +101,9 @@ def _run(cfg: ExperimentConfig, out_dir, progress: bool, log, resume: bool, coll
         log(f"unseen (held-out) tasks: {len(prepared.heldout)}, {len(prepared.global_eval_rows)} evaluation rows")
 
     eng = build_engine(prepared, log)
+    if ckpt is None:
+        open_run_dir(run_dir)  # created only now: a refusal up to here leaves no directory behind
+    (run_dir / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
     eng.client_states = ClientStates(run_dir)
     if len(set(prepared.rank_configs)) > 1 or cfg.lora.rank_distribution != "homogeneous":
         counts: dict[str, int] = {}
@@ -115,6 +130,13 @@ def _run(cfg: ExperimentConfig, out_dir, progress: bool, log, resume: bool, coll
         start = ckpt.round + 1
         eng.client_states.rollback(ckpt.round)  # what an interrupted later round had kept on its clients
         log(f"resuming {run_dir} after round {ckpt.round} of {cfg.rounds}")
+    try:  # TensorBoard / MLflow / W&B, when [track] asks for them
+        trackers = Trackers.open(cfg, run_dir, start, metrics.rows)
+    except Exception:
+        if ckpt is None:  # refused before the first round: leave no run directory behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    opened.append(trackers)
     plans, train_roles = [], None
 
     for t in range(start, cfg.rounds + 1):
@@ -144,6 +166,7 @@ def _run(cfg: ExperimentConfig, out_dir, progress: bool, log, resume: bool, coll
         eng.client_states.commit(t)
         fault_point("metrics", t)
         metrics.append(row)
+        trackers.log_round(row)
         plot_run(metrics.rows, run_dir / "metrics.png", title=f"{cfg.method} · {cfg.model.name}")
         log(_round_line(row, cfg, prepared.task))
 
@@ -175,7 +198,12 @@ def _run(cfg: ExperimentConfig, out_dir, progress: bool, log, resume: bool, coll
     summary.update(prepared.task.summary(last))
     tmp = run_dir / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    command = command_line()
+    write_model_card(run_dir / "adapter", cfg, summary, command=command)
+    for k in (eng.client_states.clients()[:PERSONAL_EXPORTS] if method.personal_roles() else []):
+        write_model_card(run_dir / "personal" / f"client-{k}", cfg, summary, command=command, client=k)
     os.replace(tmp, run_dir / "summary.json")  # written last: its presence marks a complete run
+    trackers.finish(summary)
     score = summary["final_score"]
     what = ("unseen-task " if prepared.heldout else "") + prepared.task.headline_label
     if headline.startswith("personal_"):

@@ -24,11 +24,23 @@ def default_run_dir(cfg: ExperimentConfig) -> Path:
     return Path("runs") / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{cfg.method}"
 
 
-def open_run_dir(path: Path) -> Path:
+def check_run_dir(path: Path) -> Path:
+    """Refuse a run directory that holds a run or cannot be created, without creating anything (before any work)."""
     path = Path(path)
     if (path / "metrics.jsonl").exists() or (path / "adapter").exists():
         raise ConfigError(f"run directory {path} already holds a run; continue it with --resume {path} or choose "
                           f"another --out")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"cannot use {path} as the run directory: it is a file")
+    existing = next((p for p in [path, *path.absolute().parents] if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot use {path} as the run directory: {existing} is not writable")
+    return path
+
+
+def open_run_dir(path: Path) -> Path:
+    """Create the run directory (after :func:`check_run_dir`, once the model has loaded: a refused run leaves none)."""
+    path = check_run_dir(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
@@ -50,8 +62,11 @@ def fault_point(phase: str, round_idx: int) -> None:
 
 def check_resume_config(saved_toml: str, cfg: ExperimentConfig) -> None:
     """A resumed run must use the configuration it started with; only ``rounds`` may grow."""
-    saved = to_dict(from_toml(saved_toml, "the checkpoint's config"))
-    now = to_dict(cfg)
+    from fedlora.config_ignored import result_settings
+
+    # compared as far as they make results: settings the run ignores, [track] (where results are reported) may differ
+    saved = to_dict(result_settings(from_toml(saved_toml, "the checkpoint's config")))
+    now = to_dict(result_settings(cfg))
     diffs = []
     for section, values in now.items():
         if isinstance(values, dict):
@@ -103,7 +118,8 @@ def export_adapter(eng: Engine, method, state: ServerState, final: Adapter, run_
         export_peft_adapter(final, eng.prepared.cfg.lora, eng.task_type,
                             resolve_model_path(eng.prepared.cfg.model.name, eng.prepared.cfg.model), tmp)
     cfg = eng.prepared.cfg
-    info = adapter_info(eng.model, cfg, getattr(eng.prepared.task, "label_names", None))
+    task = eng.prepared.task
+    info = adapter_info(eng.model, cfg, getattr(task, "label_names", None), task.recorded_columns(cfg.data))
     (tmp / ADAPTER_INFO).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
     if target.exists():
         shutil.rmtree(target)

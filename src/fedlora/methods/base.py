@@ -1,4 +1,4 @@
-"""The method interface (DESIGN.md): what each client gets in a round, and how the server combines what comes back.
+"""The method interface (docs/architecture.md): what each client gets in a round, and how the server combines what comes back.
 
 A method is plain Python over adapter tensors. It knows nothing of engines, files or processes:
 
@@ -122,6 +122,9 @@ class Method(ABC):
 
     config_sections: ClassVar[tuple[str, ...]] = ()
     """The experiment config sections this method owns (``hetlora``, ``pilot``, …): all it receives of them."""
+    reads_sections: ClassVar[tuple[str, ...] | None] = None
+    """The sections whose values change what this method does (None = all of :attr:`config_sections`): a setting in
+    any other method's section is refused by ``fedlora run`` as ignored (:mod:`fedlora.config_ignored`)."""
 
     def __init__(self, config: Any, spec: FederationSpec | None = None):
         """``config``: a :class:`MethodConfig`, or the experiment config, of which only this method's sections and

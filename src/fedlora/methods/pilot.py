@@ -215,12 +215,12 @@ class LayerAssignment(Method):
     averages_tensors = False
     needs_memory_model = True
     config_sections = ("pilot", "memory")
+    reads_sections = ("memory",)  # [pilot] reaches the shared aggregation, but only Fed-piLot's flags make it count
     minimal_overrides = ("memory.budgets=[0.5, 0.75, 1.0]", 'memory.unit="fraction"', "memory.calibrate=false")
     scores_layers_by_gradient = True
-    use_momentum = False
-    use_dwa = False
-    report_columns = {"layers": "layers_trained", **{k: f"{k}_per_client" for k in ("memory_predicted_mb",
-                                                                                     "memory_measured_mb")}}
+    use_momentum = use_dwa = False
+    report_columns = {"layers": "layers_trained", "memory_predicted_mb": "memory_predicted_mb_per_client",
+                      "memory_measured_mb": "memory_measured_mb_per_client"}
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -317,8 +317,8 @@ class FedPilot(LayerAssignment):
     summary = ("Fed-piLot: each client trains the LoRA layers a knapsack picks (value = local-global IG-Score, "
                "weight = memory, capacity = its budget); STAgg with dynamic weights.")
     citation = "Zhang et al., Fed-piLot: Optimizing LoRA Assignment for Efficient Federated FM Fine-Tuning, 2024"
-    use_momentum = True
-    use_dwa = True
+    use_momentum = use_dwa = True
+    reads_sections = ("pilot", "memory")
 
     def prepare_client(self, ctx: ClientContext, plan: ClientPlan) -> tuple[ClientPlan, dict]:
         """The client's side of Fed-piLot (docs/methods.md §14): IG-Scores on its own data at the downloaded adapter,
