@@ -1,8 +1,9 @@
-"""One FlexLoRA round over the whole FlexLoRA client population: all 1,613 SuperNI clients of FlexLoRA's release
-(../shared/data/flexlora_1613), 5 % sampled (80 clients), on SmolLM2-135M-Instruct with LoRA on all seven projections
-and FlexLoRA's uniform rank distribution scaled to the model, with tiny local work (1 step of 1 example).
+"""FlexLoRA rounds (3 by default: the steady state, not only the first round) over the whole FlexLoRA client
+population: all 1,613 SuperNI clients of FlexLoRA's release (../shared/data/flexlora_1613), 5 % sampled (80 clients)
+a round, on SmolLM2-135M-Instruct with LoRA on all seven projections and FlexLoRA's uniform rank distribution scaled
+to the model, with tiny local work (1 step of 1 example).
 
-    python bench/scale.py [--data ../shared/data/flexlora_1613] [--rounds 1] [--method flexlora]
+    python bench/scale.py [--data ../shared/data/flexlora_1613] [--rounds 3] [--method flexlora]
 
 Reports the process's peak resident memory (ru_maxrss) and the seconds per round, measured in this run; the last
 line is ``peak_rss_mb=<m> clients=<n>``.  What keeps memory flat: one shared frozen base model, one adapter per rank
@@ -33,7 +34,7 @@ def peak_rss_mb() -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared/data/flexlora_1613"))
-    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--method", default="flexlora")
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from fedlora.config import load_config
 from fedlora.engine.simulation import run_experiment, sample_clients
 from fedlora.errors import ConfigError, PrivacyBudgetError
 
@@ -214,3 +215,18 @@ def test_the_robust_rule_wraps_the_method_in_a_run(tmp_path, tiny_config):
     for k in mean:
         torch.testing.assert_close(median[k], trimmed[k], rtol=1e-6, atol=1e-9)
     assert any(not torch.allclose(mean[k], median[k], rtol=1e-4, atol=1e-7) for k in mean)
+
+
+def test_a_flexlora_round_without_uploads_reads_its_state_back(tmp_path, toy_model_dir):
+    """FlexLoRA does not hold the previous global ΔW during a round (``state_during_round``); when no upload is
+    accepted the engine reads that state back from the last checkpoint, and the run goes on as before."""
+    cfg = load_config(None, ["method=flexlora", "rounds=2", "model.max_length=32", "data.max_train_examples=60",
+                             "data.max_eval_examples=16", "clients.num=3", "clients.partition=iid",
+                             "train.local_steps=1", "model.threads=1", f"model.name={toy_model_dir}",
+                             'lora.rank_distribution="explicit"', "lora.client_ranks=[1, 2, 4]",
+                             "robust.max_update_mb=1e-5"])  # 10 bytes: every upload is rejected
+    res = run_experiment(cfg, out_dir=tmp_path / "run", progress=False, log=lambda *_: None)
+    assert [r["rejected"] for r in res.metrics] == [3, 3]
+    assert len(res.adapter.modules) == 4  # query and value of the toy model's 2 blocks: the full state is back
+    assert all(float(m.B.abs().sum()) == 0 for m in res.adapter.modules.values())  # still the zero global update
+    assert res.metrics[1]["eval_loss"] == pytest.approx(res.metrics[0]["eval_loss"], rel=1e-6)

@@ -70,6 +70,29 @@ def test_flexlora_global_is_the_exact_weighted_sum_of_products():
         torch.testing.assert_close(_product(dup, name), _product(doubled, name), rtol=1e-10, atol=1e-12)
 
 
+def test_flexlora_finishes_a_round_from_its_light_state_exactly():
+    """``state_during_round`` (issue 18: the previous ΔW is not held while a round's sums grow): finishing a round
+    from the light state gives the very tensors finishing from the full state gives."""
+    from fedlora.methods.base import ClientPlan
+
+    ranks = [1, 2, 4]
+    m, state = _method("flexlora", ranks)
+    state = m.aggregate(1, state, [_random_update(k, r, 10 * (k + 1), seed=k) for k, r in enumerate(ranks)])
+    updates = [_random_update(k, r, 5 * (k + 2), seed=10 + k) for k, r in enumerate(ranks)]
+    plans = [ClientPlan(k, {}, frozenset(), frozenset(), ranks=m.spec.client_ranks[k]) for k in range(3)]
+    results = []
+    for during in (state, m.state_during_round(state)):  # the engine begins with the full state, then lightens it
+        acc = m.begin(2, state, plans)
+        for u in updates:
+            m.accumulate(acc, u)
+        results.append(m.finish(2, during, acc))
+    full, light = (r.adapter.to_flat() for r in results)
+    assert full.keys() == light.keys() and all(torch.equal(full[k], light[k]) for k in full)
+    assert not m.state_during_round(state).adapter.modules  # the light state holds no module
+    empty = m.state_during_round(state)
+    assert m.finish(2, empty, m.begin(2, state, plans)) is empty  # no upload: the engine reads the state back
+
+
 def test_flexlora_clients_get_the_best_approximation_at_their_rank():
     ranks = [1, 2, 3]
     m, state = _method("flexlora", ranks)

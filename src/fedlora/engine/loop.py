@@ -147,8 +147,13 @@ def _run(cfg: ExperimentConfig, out_dir, progress: bool, log, resume: bool, coll
             plans = [dataclasses.replace(p, privacy=prepared.privacy[p.client_id]) for p in plans]
         eng.base.set(method.base_delta(state))  # FLoRA: every client's base holds the merged updates so far
         stream = method.begin(t, state, plans) if method.streams else None
+        light = method.state_during_round(state) if stream is not None and t > 1 else None
+        if light is not None:  # the full previous state is in round t-1's checkpoint: not held during the round
+            state = light
         received = collect(t, plans, eng, prepared, accountant, progress, method, stream)
         state = method.finish(t, state, stream) if stream is not None else method.aggregate(t, state, received.updates)
+        if light is not None and state is light:  # no upload arrived: the previous state stands, read back
+            state = previous_state(run_dir, t - 1)
         train_roles = plans[0].train if plans else train_roles
         stream = plans = None  # the round's downloads are not kept past it
         release_freed_memory()
@@ -212,6 +217,14 @@ def _run(cfg: ExperimentConfig, out_dir, progress: bool, log, resume: bool, coll
         else f"done ({summary['wall_s']} s) -> {run_dir}")
     return RunResult(run_dir, metrics.rows, final)
 
+
+
+def previous_state(run_dir: Path, round_idx: int) -> ServerState:
+    """The server state committed after ``round_idx`` (its checkpoint), as the round loop held it."""
+    ckpt = load_checkpoint(run_dir)
+    if ckpt.round != round_idx:
+        raise CheckpointError(f"{run_dir}: the last checkpoint is of round {ckpt.round}, expected {round_idx}")
+    return ServerState(ckpt.state.adapter, ckpt.state.extra)
 
 
 PERSONAL_EXPORTS = 16

@@ -180,6 +180,13 @@ class Method(ABC):
         """Streaming methods: the next global state from the round's accumulator."""
         raise NotImplementedError(f"{self.name} does not stream its aggregation")
 
+    def state_during_round(self, state: ServerState) -> ServerState | None:
+        """Streaming methods: all that :meth:`finish` reads of the previous state, or None (the default: all of it).
+        While the uploads stream in, the engine then holds only this light state — the full one is on disk in the
+        last checkpoint, and comes back from there if :meth:`finish` returns the light state itself (no upload) —
+        so a round never holds the previous global update next to the new sums (FlexLoRA over 1,613 clients)."""
+        return None
+
     def init_state(self, initial: Adapter) -> ServerState:
         """The server state before round 1, from the shared-seed initial adapter."""
         return ServerState(initial.clone())

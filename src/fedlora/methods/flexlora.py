@@ -105,6 +105,11 @@ class FlexLoRA(Method):
         dense = {n: totals[n] >= min(self.spec.shapes[n]) for n in totals}
         return {"dense": dense, "sum": {}, "factors": {n: [] for n in totals}, "head": {}, "n": 0}
 
+    def state_during_round(self, state: ServerState) -> ServerState:
+        """:meth:`finish` reads the head and ``extra`` only: the previous ΔW (its SVD, as large as the dense update)
+        need not stay in memory while the round's sums grow."""
+        return ServerState(Adapter({}, dict(state.adapter.head)), dict(state.extra))
+
     def accumulate(self, acc: dict, update: Update) -> None:
         """Add ``n_k s_k B_k A_k`` (dense) or keep ``(B_k, A_k, n_k s_k)`` (factored); the head's ``n_k h_k``."""
         n = update.num_examples
