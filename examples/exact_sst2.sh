@@ -25,8 +25,9 @@ for M in fedit fedex rolora lorafair fedsa; do run "$M" "2e-3,5e-3,1e-2" 1 1; do
 for M in ffa fedsvd; do run "$M" "5e-3,1e-2,2e-2" 1 1; done
 run fedsb "2e-3,5e-3,1e-2" 1 1
 # a method whose best seed-1 rate is at an edge of its grid gets the next rate of 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2
-# before seeds 2-3 are run (so far: FedSVD, best at 5e-3, the lowest of its grid)
-run fedsvd "2e-3" 1 1
+# before seeds 2-3 are run, until it is not (FedSVD: best at 5e-3, then at 2e-3; Fed-SB: best at 1e-2, then at 2e-2)
+run fedsvd "2e-3,1e-3" 1 1
+run fedsb "2e-2,5e-2" 1 1
 for M in fedit ffa fedex rolora fedsvd lorafair fedsb fedsa; do
     run "$M" "$(python examples/exact_sst2_report.py "$OUT/grid/cells" --best-lr "$M")" 2 2
 done
