@@ -357,3 +357,52 @@ def test_fedprox_adds_mu_times_the_distance_from_the_start_to_every_step():
     b1 = run(1, 0.0)
     torch.testing.assert_close(run(1, mu), b1, rtol=0, atol=0)
     torch.testing.assert_close(run(2, mu), run(2, 0.0) - eta * mu * b1, rtol=1e-10, atol=1e-13)
+
+
+def test_bf16_precision_autocasts_the_forward_and_keeps_fp32_weights():
+    """``train.precision = bf16``: the base model's matmuls run in bfloat16 (seen by a hook), the trained tensors and
+    the upload stay fp32, and the step is the fp32 step up to bfloat16 rounding."""
+    from peft import LoraConfig, get_peft_model
+
+    from fedlora.adapters import initial_adapter
+    from fedlora.data.tasks import ClassificationTask
+    from fedlora.models import LoraSlots
+    from tests.conftest import tiny_bert
+
+    model = get_peft_model(tiny_bert(), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                                   task_type="SEQ_CLS"))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    slots = LoraSlots.of(model)
+    init = initial_adapter(slots.shapes, 4, 8.0, 0, head=slots.head())
+    init = init.with_tensors({k: v + 0.1 for k, v in init.to_flat(frozenset({"lora_B"})).items()})
+    roles = frozenset({"lora_B", "head"})
+    plan = ClientPlan(0, init.to_flat(roles), train=roles, upload=roles)
+    seen = []
+    key = next(n for n, m in model.named_modules() if n.endswith("intermediate.dense"))
+    hook = model.get_submodule(key).register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    ups = {}
+    for precision in ("fp32", "bf16"):
+        seen.clear()
+        ups[precision] = train_client(
+            model=model, slots=slots, initial=init, plan=plan, examples=_bert_examples(), loss_fn=ClassificationTask.loss,
+            train_cfg=train_cfg(lr=0.5, batch_size=9, precision=precision), round_idx=1, seed=0, privacy=None).tensors
+        assert set(seen) == {torch.float32 if precision == "fp32" else torch.bfloat16}
+    hook.remove()
+    assert all(p.dtype == torch.float32 for p in slots.params.values())
+    for k, v32 in ups["fp32"].items():
+        v16, start = ups["bf16"][k], plan.download[k]
+        assert v16.dtype == torch.float32
+        step32, step16 = v32 - start, v16 - start
+        assert step32.norm() > 0
+        assert (step16 - step32).norm() <= 0.05 * step32.norm()  # bfloat16 keeps 8 bits of mantissa
+    assert any(not torch.equal(ups["fp32"][k], ups["bf16"][k]) for k in ups["fp32"])
+
+
+def test_bf16_is_refused_under_dp():
+    from fedlora.config import load_config
+    from fedlora.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.precision"):
+        load_config(None, ["train.precision=\"bf16\"", "dp.enabled=true", "dp.epsilon=3"])
+    assert load_config(None, ["train.precision=\"bf16\""]).train.precision == "bf16"

@@ -59,6 +59,14 @@ def round_head_lr(train_cfg, round_idx: int) -> float:
     return head_lr * getattr(train_cfg, "lr_decay", 1.0) ** max(0, round_idx - 1)
 
 
+def autocast(model: nn.Module, precision: str):
+    """``train.precision``: ``bf16`` runs the forward pass (and so its backward) under bfloat16 autocast on the
+    model's device; parameters, their gradients and the optimiser state stay fp32 (mixed precision with fp32 master
+    weights).  ``fp32`` is a no-op context."""
+    device = next(model.parameters()).device.type
+    return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def client_seed(seed: int, round_idx: int, client_id: int) -> int:
     return int(np.random.SeedSequence([seed, round_idx, client_id]).generate_state(1)[0])
 
@@ -129,7 +137,8 @@ def train_client(*, model: nn.Module, slots: LoraSlots, initial: Adapter | None,
                 batch_loss = 0.0
                 for start in range(0, len(idx), micro):
                     chunk = idx[start:start + micro]
-                    loss = loss_fn(stepper.model, examples.batch(chunk))
+                    with autocast(model, getattr(train_cfg, "precision", "fp32")):
+                        loss = loss_fn(stepper.model, examples.batch(chunk))
                     weight = stepper.chunk_weight(len(chunk), len(idx))
                     extra = hooks.penalty(slots) if start == 0 else None  # the method's loss term, once per step
                     if extra is not None:

@@ -134,6 +134,9 @@ class TrainConfig:
     prox_mu: float = _f(0.0, "FedProx (Li et al., MLSys 2020): the local loss gains mu/2 * ||theta - theta_start||^2 "
                         "over the trained tensors, theta_start = what the client started the round from; under DP "
                         "its gradient is added after clipping and noise (docs/methods.md §7d); 0 = off.")
+    precision: str = _f("fp32", "'fp32', or 'bf16': bfloat16 autocast in local training, fp32 master weights and "
+                        "optimiser state (faster only with AVX512-BF16/AMX or a GPU; refused under DP).",
+                        choices=("fp32", "bf16"))
 
 
 @dataclass

@@ -182,6 +182,8 @@ def validate(cfg) -> None:
     for name, check in checks.items():
         if check is not None:
             check(getattr(cfg, name))
+    _need(not (cfg.dp.enabled and cfg.train.precision != "fp32"), "train.precision", cfg.train.precision,
+          "fp32 under DP-SGD (dp.enabled = true): per-example clipping in bfloat16 is not tested")
     lo, c = cfg.lora, cfg.clients
     if lo.rank_distribution == "explicit" and c.num:
         _need(len(lo.client_ranks) == c.num, "lora.client_ranks", lo.client_ranks,

@@ -38,6 +38,13 @@ class Examples:
                         None if self.token_type_ids is None else [self.token_type_ids[i] for i in idx],
                         self.labels[idx], self.pad_id)
 
+    @staticmethod
+    def concat(parts: list["Examples"]) -> "Examples":
+        """One set of examples holding ``parts`` one after another (same tokenizer)."""
+        types = None if parts[0].token_type_ids is None else [t for p in parts for t in p.token_type_ids]
+        return Examples([x for p in parts for x in p.input_ids], types, torch.cat([p.labels for p in parts]),
+                        parts[0].pad_id)
+
     def batch(self, idx) -> dict[str, Tensor]:
         idx = [int(i) for i in idx]
         width = max(len(self.input_ids[i]) for i in idx)
@@ -166,24 +173,31 @@ class ClassificationTask:
         return F.cross_entropy(logits, batch["labels"], reduction="mean")
 
     @staticmethod
-    @torch.no_grad()
-    def evaluate(model, examples: Examples, batch_size: int) -> dict[str, float]:
-        """Mean loss and accuracy of ``model`` on ``examples`` (eval mode, no gradients)."""
-        if len(examples) == 0:
-            return {"loss": float("nan"), "accuracy": float("nan"), "n": 0}
+    @torch.inference_mode()
+    def per_example(model, examples: Examples, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each example's loss and whether ``model`` classifies it correctly (eval mode, no autograd), in
+        ``examples``' order; batches are length-sorted, so they pad little."""
         was_training = model.training
         model.eval()
-        order = np.argsort([len(x) for x in examples.input_ids], kind="stable")  # length-sorted: less padding
-        total_loss, correct = 0.0, 0
+        order = np.argsort([len(x) for x in examples.input_ids], kind="stable")
+        losses, correct = np.zeros(len(examples)), np.zeros(len(examples), dtype=bool)
         for start in range(0, len(order), batch_size):
-            b = examples.batch(order[start:start + batch_size])
+            rows = order[start:start + batch_size]
+            b = examples.batch(rows)
             inputs = {k: v for k, v in b.items() if k != "labels"}
-            logits = model(**inputs).logits
-            total_loss += float(F.cross_entropy(logits, b["labels"], reduction="sum"))
-            correct += int((logits.argmax(-1) == b["labels"]).sum())
+            logits = model(**inputs).logits.float()
+            losses[rows] = F.cross_entropy(logits, b["labels"], reduction="none").numpy()
+            correct[rows] = (logits.argmax(-1) == b["labels"]).numpy()
         model.train(was_training)
-        n = len(examples)
-        return {"loss": total_loss / n, "accuracy": correct / n, "n": n}
+        return losses, correct
+
+    @staticmethod
+    def evaluate(model, examples: Examples, batch_size: int) -> dict[str, float]:
+        """Mean loss and accuracy of ``model`` on ``examples``."""
+        if len(examples) == 0:
+            return {"loss": float("nan"), "accuracy": float("nan"), "n": 0}
+        losses, correct = ClassificationTask.per_example(model, examples, batch_size)
+        return {"loss": float(losses.mean()), "accuracy": float(correct.mean()), "n": len(examples)}
 
 
 def _is_int(v: str) -> bool:
