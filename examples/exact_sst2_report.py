@@ -74,15 +74,22 @@ def tables(cells) -> tuple[str, dict[str, tuple[str, list[dict]]]]:
                 best[method] = (lr, recs, key)
     chosen = {m: (lr, recs) for m, (lr, recs, _) in best.items()}
     lines += ["", "Each method at the learning rate chosen on seed 1 (mean ± standard deviation over the seeds run):", "",
-              "| method | lr | seeds | global accuracy | clients' own rows | upload (MB) | seeds 2–3 only |",
-              "|---|---|---|---|---|---|---|"]
+              "| method | lr | seeds | global accuracy | clients' own rows | upload (MB) | seeds 2–3 only | "
+              "global − FedIT, paired by seed |",
+              "|---|---|---|---|---|---|---|---|"]
+    ref = {r["seed"]: r["global"] for r in chosen.get("fedit", (None, []))[1]}
     for method, (lr, recs) in chosen.items():
         g = [r["global"] for r in recs]
         loc = [r["local"] for r in recs if r["local"] is not None]
         head = [r["local"] if r["personalised"] else r["global"] for r in recs if r["seed"] != 1]
+        # the same seed gives every method the same clients, data order and initial adapter: the paired
+        # difference removes that shared part of the seed-to-seed spread
+        paired = [r["global"] - ref[r["seed"]] for r in recs if r["seed"] in ref]
+        diff = "—" if method == "fedit" or recs[0]["personalised"] or not paired else \
+            (f"{statistics.fmean(paired):+.3f}" + (f" ± {statistics.stdev(paired):.3f}" if len(paired) > 1 else ""))
         lines.append(f"| {NAMES.get(method, method)} | {lr} | {len(recs)} | {_ms(g)} | "
                      f"{_ms(loc) if loc else '—'}{' (own B)' if recs[0]['personalised'] else ''} | "
-                     f"{recs[0]['upload_mb']:.2f} | {_ms(head) if head else '—'} |")
+                     f"{recs[0]['upload_mb']:.2f} | {_ms(head) if head else '—'} | {diff} |")
     return "\n".join(lines), chosen
 
 

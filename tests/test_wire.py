@@ -60,3 +60,18 @@ def test_validate_rejects_malformed_updates(bad, match):
 
 def test_validate_accepts_a_good_update():
     wire.validate_tensors({"w": torch.ones(3, 2)}, {"w": torch.zeros(3, 2)}, who="client 0")
+
+
+def test_expected_size_is_the_encoded_length_computed_from_shapes_alone():
+    """The server's size limit needs the planned payload's length: computed from (meta) shapes, it equals the real
+    encoding's length for mixed dtypes, empty tensors and unsorted names, and allocates nothing."""
+    from fedlora.wire import expected_size
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        tensors = {}
+        for i in range(int(torch.randint(1, 7, (1,), generator=g))):
+            dtype = [torch.float32, torch.float64, torch.bfloat16, torch.float16][int(torch.randint(0, 4, (1,), generator=g))]
+            shape = tuple(int(x) for x in torch.randint(0, 40, (int(torch.randint(1, 3, (1,), generator=g)),), generator=g))
+            tensors[f"m{int(torch.randint(0, 999, (1,), generator=g))}.{i}"] = torch.zeros(shape, dtype=dtype)
+        assert expected_size({k: v.to("meta") for k, v in tensors.items()}) == len(wire.encode(tensors)), tensors.keys()

@@ -6,6 +6,8 @@ oracle O30, docs/oracles.md).
 """
 from __future__ import annotations
 
+import json
+
 import torch
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
@@ -28,9 +30,23 @@ def decode(payload: bytes) -> dict[str, Tensor]:
         raise UpdateError(f"payload is not valid safetensors: {exc}") from None
 
 
+_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                torch.bool: "BOOL"}
+
+
 def expected_size(expected: dict[str, Tensor]) -> int:
-    """Serialised size of a payload with exactly these keys, shapes and dtypes."""
-    return len(encode({k: torch.empty(0, dtype=v.dtype).new_zeros(v.shape) for k, v in expected.items()}))
+    """Serialised size of a payload with exactly these keys, shapes and dtypes (no metadata), computed from the
+    shapes — the tensors may be ``meta`` — without allocating or encoding anything: an 8-byte length, the compact
+    JSON header (tensors ordered by element size, largest first, then by name) padded with spaces to a multiple of
+    8, and the raw data."""
+    header, offset = {}, 0
+    for name, t in sorted(expected.items(), key=lambda kv: (-kv[1].element_size(), kv[0])):
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    length = len(json.dumps(header, separators=(",", ":")).encode())
+    return 8 + length + (-length) % 8 + offset
 
 
 def receive_update(blob: bytes, expected: dict[str, Tensor], *, who: str, max_bytes: int = 0) -> dict[str, Tensor]:

@@ -15,7 +15,8 @@ Our choices, against the authors' code (Pengxin-Guo/FedSA-LoRA on FederatedScope
 * **B and the head are truly per client.**  The released config sets ``share_local_model: True``, under which all
   clients and the server share one model object, so B and the head are handed from client to client within a round
   and every client evaluates the last one's; FederatedScope itself says that mode cannot support personalised
-  methods.  We implement the paper's rule (``share_local_model: False``).
+  methods; the server shares that object too, so the code's "global" score is likely ``W0 + s·B_last·Ā``, not our
+  B = 0 global part.  We implement the paper's rule (``share_local_model: False``).
 * **Weights** ``p_k = n_k / Σ n`` (data size); the code weighs by examples processed in the round, which is uniform
   for clients holding more than ``local steps × batch`` examples.
 * The code trains in fp16 with plain SGD (lr 0.02 in the config; the maintainer reports 0.005 is needed to reproduce

@@ -15,7 +15,7 @@ Our choices, against the authors' code (seanie12/fed-svd, ``server.py`` ``on_rou
 * As the code: the SVD after every round (``fedsvd.period = 1``; the paper says "periodically"), of the unscaled
   ``B A``, all singular values into B, rank r, data-size weights (the code's default; ``--balanced`` is uniform).
 * **Rank-deficient B̄A** (round 1 from B = 0 on a client that sat out, or r > rank): the SVD's trailing right singular
-  vectors are any orthonormal completion; we keep them from LAPACK as the code does — B's matching columns are zero,
+  vectors are any orthonormal completion; we keep whatever the SVD returns, as the code does (it runs a float32 GPU SVD) — B's matching columns are zero,
   so the product is still exact.
 * **Head**: the code freezes the classifier at its random init (inherited from its FFA-LoRA baseline); here the head
   is trained and averaged (``lora.head``), as for every method, since our zero-initialised head (docs/methods.md §4b)

@@ -9,7 +9,8 @@ from the shared-seed Kaiming init and B at zero, so round 1 trains B (A at init 
 nothing: with B = 0 the gradient of A is zero).
 
 Our choices, against the paper and the first author's research fork (no official code is published; the fork
-``shuangyichen/FS-LLM``, branch ``svd``, alternates per round, B first, as here):
+``shuangyichen/FS-LLM``, branch ``svd``, alternates B first, as here, but by each client's own counter of training
+and evaluation calls, which equals the round's parity only with full participation; we alternate by round index):
 
 * **Weights** ``p_k = n_k / Σ n`` (data size), as our FedIT; the paper writes 1/N and the fork weighs by examples
   processed that round (equal for fixed local steps).  Identical on equal shards.
