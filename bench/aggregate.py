@@ -19,6 +19,7 @@ import sys
 import time
 
 import torch
+from machine import cpu_flags, cpu_model
 
 from fedlora.lowrank import relative_error, svd_of_weighted_sum, truncate
 
@@ -102,7 +103,8 @@ def main() -> int:
     res["llama-7b"] = run_setting("llama-7b", llama_layers, min(max(1, args.dense_modules), n7), args.seed)
 
     print(f"# FlexLoRA server aggregation (SVD of sum p_k s_k B_k A_k + rank-r_k redistribution per client), float32, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}{', QUICK' if args.quick else ''}")
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}{', QUICK' if args.quick else ''}, "
+          f"CPU: {cpu_model()} ({cpu_flags()})")
     print("| setting | clients (ranks) | path | modules timed | s/module (mean) | total s (all modules) |")
     print("|---|---|---|---|---|---|")
     for name, r in res.items():

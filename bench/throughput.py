@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -39,6 +38,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 from torch import nn
+
+from machine import cpu_flags, cpu_model
 
 from fedlora.config import load_config
 from fedlora.engine.client_round import client_work
@@ -56,29 +57,6 @@ WORKLOADS = {
         'data.output_column="output"', 'clients.partition="by_task"', "clients.num=3", "clients.heldout_tasks=2",
         "train.batch_size=4", "train.optimizer=\"adamw\"", "train.lr=1e-3", "eval.per_client=false"],
 }
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> str:
-    """The vector and matrix extensions that matter for fp32/bf16 GEMMs."""
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
-                return " ".join(f for f in wanted if f in have) or "none of avx2/avx512/amx"
-    except OSError:
-        pass
-    return "unknown"
 
 
 def matmul_peak(sizes=(1024, 2048, 3072, 4096), repeats: int = 3) -> tuple[float, int]:

@@ -406,3 +406,14 @@ def test_bf16_is_refused_under_dp():
     with pytest.raises(ConfigError, match="train.precision"):
         load_config(None, ["train.precision=\"bf16\"", "dp.enabled=true", "dp.epsilon=3"])
     assert load_config(None, ["train.precision=\"bf16\""]).train.precision == "bf16"
+
+
+def test_fast_bf16_reads_the_cpu_and_trusts_gpus(monkeypatch):
+    from fedlora.client import fast_bf16
+
+    assert fast_bf16("cuda")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert not fast_bf16("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert fast_bf16("cpu")

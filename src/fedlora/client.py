@@ -67,6 +67,15 @@ def autocast(model: nn.Module, precision: str):
     return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
+def fast_bf16(device: str = "cpu") -> bool:
+    """Whether bfloat16 matmuls run natively here: any GPU, or a CPU with AVX512-BF16 or AMX.  Elsewhere oneDNN
+    emulates them (measured 30x slower than fp32 on an AVX2 CPU; docs/benchmarks.md)."""
+    if device != "cpu":
+        return True
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
 def client_seed(seed: int, round_idx: int, client_id: int) -> int:
     return int(np.random.SeedSequence([seed, round_idx, client_id]).generate_state(1)[0])
 

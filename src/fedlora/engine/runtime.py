@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fedlora.adapters import Adapter, LoraModule
+from fedlora.client import fast_bf16
 from fedlora.engine.prepare import Prepared
 from fedlora.errors import ConfigError
 from fedlora.layers import block_index
@@ -108,6 +109,9 @@ def build_engine(prepared: Prepared, log=print) -> Engine:
                           alpha_per_rank=alpha_per_rank, core=core)
     if get_method(cfg.method).needs_memory_model:
         _attach_memory_model(spec, model, prepared, task_type, log)
+    if cfg.train.precision == "bf16" and not fast_bf16(next(model.parameters()).device.type):
+        log("warning: train.precision = bf16 on a CPU without AVX512-BF16 or AMX: its bfloat16 matmuls are emulated "
+            "and much slower than fp32 (30x on the demo, docs/benchmarks.md)")
     client_train, client_val, global_val = task.client_examples(tokenizer, prepared, cfg.model.max_length)
     base = BaseWeights(model, WeightFile.of_model(resolve_model_path(cfg.model.name, cfg.model)))
     return Engine(prepared, tokenizer, model, pool, base, spec, task_type, client_train, client_val, global_val)
