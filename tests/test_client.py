@@ -417,3 +417,52 @@ def test_fast_bf16_reads_the_cpu_and_trusts_gpus(monkeypatch):
     assert not fast_bf16("cpu")
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
     assert fast_bf16("cpu")
+
+
+def test_gradient_checkpointing_gives_the_same_update_with_dropout_on():
+    """``train.gradient_checkpointing``: blocks recompute their activations in the backward pass with the dropout
+    masks of the forward pass, so a client's update is the one it makes without checkpointing."""
+    from peft import LoraConfig, get_peft_model
+
+    from fedlora.adapters import initial_adapter
+    from fedlora.data.tasks import ClassificationTask
+    from fedlora.models import LoraSlots
+    from tests.conftest import tiny_bert
+
+    base = tiny_bert().double()
+    assert any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in base.modules())  # masks are drawn
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    slots = LoraSlots.of(model)
+    init = initial_adapter(slots.shapes, 4, 8.0, 0, head={k: v.double() for k, v in slots.head().items()})
+    init = init.with_tensors({k: v.double() for k, v in init.to_flat().items()})
+    init = init.with_tensors({k: v + 0.1 for k, v in init.to_flat(frozenset({"lora_B"})).items()})
+    roles = frozenset({"lora_A", "lora_B", "head"})
+    plan = ClientPlan(0, init.to_flat(roles), train=roles, upload=roles)
+    recomputed = []
+    ups = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            inner = base.bert.encoder.layer[0].intermediate  # inside the checkpointed block: runs again when replayed
+            inner.register_forward_hook(lambda *a: recomputed.append(1))
+        ups.append(train_client(model=model, slots=slots, initial=init, plan=plan, examples=_bert_examples(),
+                                loss_fn=ClassificationTask.loss, train_cfg=train_cfg(lr=0.5, batch_size=9, local_steps=3),
+                                round_idx=1, seed=0, privacy=None).tensors)
+    base.gradient_checkpointing_disable()
+    assert len(recomputed) == 6  # 3 steps, each block run twice: the forward and its recomputation
+    for k in ups[0]:
+        torch.testing.assert_close(ups[1][k], ups[0][k], rtol=1e-12, atol=1e-14)
+    assert any(not torch.equal(ups[0][k], plan.download[k]) for k in ups[0])
+
+
+def test_gradient_checkpointing_is_refused_with_memory_budget_methods():
+    from fedlora.config import load_config
+    from fedlora.engine.prepare import _check_method_options
+    from fedlora.errors import ConfigError
+    from fedlora.methods import get_method
+
+    cfg = load_config("examples/pilot_tiny.toml", ["train.gradient_checkpointing=true"])
+    with pytest.raises(ConfigError, match="gradient_checkpointing"):
+        _check_method_options(cfg, get_method(cfg.method))

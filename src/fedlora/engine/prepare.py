@@ -107,6 +107,9 @@ def _check_method_options(cfg: ExperimentConfig, method_cls) -> None:
         raise ConfigError(f"method {cfg.method!r} does not aggregate by averaging uploaded tensors{own}, so "
                           f"server.optimizer = {cfg.server.optimizer!r} / server.lr = {cfg.server.lr} cannot apply; "
                           f"server optimisers work with: {', '.join(_server_optimizer_methods())}")
+    if cfg.train.gradient_checkpointing and method_cls.needs_memory_model:
+        raise ConfigError(f"train.gradient_checkpointing cannot be used with method {cfg.method!r}: its memory model "
+                          f"(layer costs against the clients' budgets) assumes stored activations")
     method_cls.check_config(cfg)
 
 

@@ -92,6 +92,8 @@ def build_engine(prepared: Prepared, log=print) -> Engine:
     tokenizer, base_model = task.load_model(cfg, zero_head_ok=not get_method(cfg.method).scores_layers_by_gradient,
                                             log=log)
     task_type = task.task_type
+    if cfg.train.gradient_checkpointing:  # non-reentrant: works with a frozen base; dropout masks are replayed
+        base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     shapes = target_shapes(base_model, cfg.lora)
     client_ranks = {k: module_ranks(c, shapes, cfg.lora.mlp_modules) for k, c in enumerate(prepared.rank_configs)}
     for config in sorted(set(prepared.rank_configs)):
