@@ -99,22 +99,29 @@ def plot(best, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(9.5, 4.2))
+    same: dict[float, list[str]] = defaultdict(list)  # methods with equal traffic are drawn side by side
+    for method, (_, recs) in best.items():
+        same[round(recs[0]["traffic_mb"], 1)].append(method)
     for method, (lr, recs) in best.items():
-        x = recs[0]["traffic_mb"]
+        group = same[round(recs[0]["traffic_mb"], 1)]
+        k = group.index(method) - (len(group) - 1) / 2
+        x = recs[0]["traffic_mb"] * 1.12 ** k
         personal = recs[0]["personalised"]
         ys = [r["local"] if personal else r["global"] for r in recs]
         mean = statistics.fmean(ys)
         err = statistics.stdev(ys) if len(ys) > 1 else 0.0
         ax.errorbar([x], [mean], yerr=[err], fmt="o" if not personal else "s", capsize=3,
                     label=f"{NAMES.get(method, method)} (lr {lr}{', own rows' if personal else ''})")
-        ax.annotate(NAMES.get(method, method), (x, mean), textcoords="offset points", xytext=(6, 4), fontsize=7)
+        ax.annotate(NAMES.get(method, method), (x, mean), textcoords="offset points", fontsize=7,
+                    xytext=(-6, -10) if k < 0 else (6, 4), ha="right" if k < 0 else "left")
     ax.set_xscale("log")
-    ax.set_xlabel("total traffic over 10 rounds, 3 clients (MB, upload + download, log scale)")
+    ax.set_xlabel("total traffic over 10 rounds, 3 clients (MB, upload + download, log scale; "
+                  "equal traffic drawn side by side)", fontsize=9)
     ax.set_ylabel("SST-2 accuracy (mean of last 3 evaluations)")
     ax.set_title("SST-2, 3 label-skewed clients, MiniLM r = 8: each method at its best lr", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
