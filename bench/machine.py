@@ -25,3 +25,20 @@ def cpu_flags() -> str:
     except OSError:
         pass
     return "unknown"
+
+
+def first_round(overrides: list[str]):
+    """(prepared, engine, method, plans) of round 1 of the config ``overrides`` describe, every client sampled: the
+    engine loaded once, so that a bench can time the clients' side of a round alone."""
+    from fedlora.config import load_config
+    from fedlora.engine.prepare import prepare
+    from fedlora.engine.runtime import build_engine, build_method
+
+    cfg = load_config(None, [*overrides, "rounds=1"])
+    prepared = prepare(cfg)
+    eng = build_engine(prepared, log=lambda *_: None)
+    method = build_method(cfg, eng.spec)
+    state = method.init_state(eng.spec.initial(ranks=eng.default_ranks))
+    plans = method.configure(1, state, list(range(len(prepared.clients))))
+    eng.base.set(method.base_delta(state))
+    return prepared, eng, method, plans

@@ -38,14 +38,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from machine import cpu_flags, cpu_model
+from machine import cpu_flags, cpu_model, first_round
 
-from fedlora.config import load_config
+from fedlora.engine.client_group import collect_grouped
 from fedlora.engine.client_round import client_work
 from fedlora.engine.client_state import ClientStates
-from fedlora.engine.prepare import prepare
-from fedlora.engine.runtime import build_engine, build_method
 
 WORKLOADS = {
     "demo (MiniLM, FFA-LoRA)": [],
@@ -112,15 +111,11 @@ class FlopCounter:
         self.computed += rows * (self.per_token * width + self.attention(width))
 
 
-def run_workload(overrides: list[str], steps: int) -> dict:
-    """Round 1 of the workload's federation, every client, through the engine's client path; FLOPs counted."""
-    cfg = load_config(None, [*overrides, f"train.local_steps={steps}", "rounds=1"])
-    prepared = prepare(cfg)
-    eng = build_engine(prepared, log=lambda *_: None)
-    method = build_method(cfg, eng.spec)
-    state = method.init_state(eng.spec.initial(ranks=eng.default_ranks))
-    plans = method.configure(1, state, list(range(len(prepared.clients))))
-    eng.base.set(method.base_delta(state))
+def run_workload(overrides: list[str], steps: int, group: int = 1) -> dict:
+    """Round 1 of the workload's federation, every client, through the engine's client path; FLOPs counted.
+    ``group > 1``: also timed through grouped training (``train.client_group``), whose useful work is the same."""
+    prepared, eng, method, plans = first_round([*overrides, f"train.local_steps={steps}"])
+    cfg = prepared.cfg
     task = prepared.task
     loss = task.loss
     counter = None
@@ -139,10 +134,18 @@ def run_workload(overrides: list[str], steps: int) -> dict:
         for plan in plans:
             client_work(eng, plan, 1, method)
         seconds = time.perf_counter() - t0
+        grouped = None
+        if group > 1:  # the same clients packed through one forward pass: the same useful work, no padding
+            cfg.train.client_group = group
+            with tqdm(total=len(plans), disable=True) as bar:
+                collect_grouped(1, plans, eng, None, method, None, bar, group)  # warm-up
+                t0 = time.perf_counter()
+                collect_grouped(1, plans, eng, None, method, None, bar, group)
+                grouped = time.perf_counter() - t0
     task.loss = loss
     return {"clients": len(plans), "steps": steps, "seconds": seconds, "tokens": counter.tokens,
             "padded_tokens": counter.padded_tokens, "useful": counter.useful, "computed": counter.computed,
-            "per_token": counter.per_token}
+            "per_token": counter.per_token, "grouped_seconds": grouped}
 
 
 def main() -> int:
@@ -150,6 +153,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1))
     ap.add_argument("--steps", type=int, default=10, help="local steps per client")
     ap.add_argument("--skip-smollm2", action="store_true")
+    ap.add_argument("--skip-bf16", action="store_true", help="skip the bf16 demo (slow on CPUs that emulate bf16)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     peak, peak_n = matmul_peak()
@@ -160,19 +164,28 @@ def main() -> int:
     print("| workload | clients × steps | s | tokens (real / padded) | GFLOP/s useful | GFLOP/s computed | "
           "fraction of peak (useful) |")
     print("|---|---|---|---|---|---|---|")
-    first, times = None, {}
+    first, times, grouped_fraction = None, {}, None
     for name, overrides in WORKLOADS.items():
-        if args.skip_smollm2 and "SmolLM2" in name:
+        if (args.skip_smollm2 and "SmolLM2" in name) or (args.skip_bf16 and "bf16" in name):
             continue
-        r = run_workload(overrides, args.steps)
+        r = run_workload(overrides, args.steps, group=8 if name.startswith("demo (") else 1)
         times[name] = r["seconds"]
         useful, computed = r["useful"] / r["seconds"], r["computed"] / r["seconds"]
         fraction = useful / peak
         first = fraction if first is None else first
         print(f"| {name} | {r['clients']} × {r['steps']} | {r['seconds']:.1f} | {r['tokens']} / {r['padded_tokens']} "
               f"| {useful / 1e9:.1f} | {computed / 1e9:.1f} | {fraction:.3f} |", flush=True)
-    fp32, bf16 = times["demo (MiniLM, FFA-LoRA)"], times["demo, train.precision=bf16"]
-    print(f"bf16 speedup on the demo (fp32 s / bf16 s): {fp32 / bf16:.2f}x")
+        if r["grouped_seconds"]:
+            g = r["grouped_seconds"]
+            grouped_fraction = r["useful"] / g / peak
+            print(f"| {name.replace('demo (', 'demo, train.client_group=8 (')} | {r['clients']} × {r['steps']} | "
+                  f"{g:.1f} | {r['tokens']} / {r['tokens']} | {r['useful'] / g / 1e9:.1f} | "
+                  f"{r['useful'] / g / 1e9:.1f} (packed: ≈ useful) | {grouped_fraction:.3f} |", flush=True)
+    if "demo, train.precision=bf16" in times:
+        fp32, bf16 = times["demo (MiniLM, FFA-LoRA)"], times["demo, train.precision=bf16"]
+        print(f"bf16 speedup on the demo (fp32 s / bf16 s): {fp32 / bf16:.2f}x")
+    if grouped_fraction is not None:
+        print(f"the demo with train.client_group=8: fraction of peak {grouped_fraction:.3f}")
     print(f"fraction_of_peak={first:.3f}")
     return 0
 

@@ -46,6 +46,7 @@ def test_resolved_toml_round_trips(tmp_path):
     ("clients.partition=zipf", "clients.partition must be one of 'iid', 'dirichlet', 'label_skew'"),
     ("train.optimizer=lion", "train.optimizer must be one of 'adamw', 'sgd'"),
     ("train.grad_accum=3", "train.grad_accum must be a divisor of train.batch_size (16)"),
+    ("train.client_group=0", "train.client_group must be a positive integer"),
     ("lora.rank=two", "lora.rank must be of type int, got 'two'"),
     ("lora.nope=1", "unknown config key 'lora.nope'"),
     ("banana=1", "unknown config key 'banana'"),
@@ -60,6 +61,13 @@ def test_invalid_values_fail_with_a_message_naming_key_value_and_valid(override,
     with pytest.raises(ConfigError) as exc:
         load_config(None, [override])
     assert needle in str(exc.value)
+
+
+def test_grouped_training_is_refused_with_gradient_checkpointing():
+    """A grouped forward draws each client's dropout from the client's own state: recomputing it would redraw."""
+    with pytest.raises(ConfigError, match="train.client_group must be 1 with train.gradient_checkpointing"):
+        load_config(None, ["train.client_group=4", "train.gradient_checkpointing=true"])
+    assert load_config(None, ["train.client_group=4"]).train.client_group == 4
 
 
 def test_bad_proportion_rows(tmp_path):

@@ -96,6 +96,75 @@ class _Sampler:
         return out
 
 
+class ClientRun:
+    """One client's local round as state: its trainable tensors, seed, batch sampler, optimiser, loss term and
+    FedProx anchor.  :func:`train_client` runs it alone; :func:`fedlora.client_group.train_group` runs several
+    side by side through one forward pass, with exactly the same per-client state."""
+
+    def __init__(self, *, slots: LoraSlots, plan: ClientPlan, examples: Examples, train_cfg, round_idx: int, seed: int,
+                 privacy: ClientPrivacy | None = None, hooks: LocalHooks | None = None):
+        self.slots, self.plan, self.examples, self.privacy = slots, plan, examples, privacy
+        self.params = slots.set_trainable(plan.train, plan.modules)
+        if not self.params:
+            raise ValueError(f"client {plan.client_id}: the plan trains nothing (roles {sorted(plan.train)})")
+        self.seed = s = client_seed(seed, round_idx, plan.client_id)
+        n = len(examples)
+        self.steps = privacy.steps_per_round if privacy is not None else steps_per_round(train_cfg, n)
+        self.sampler = _Sampler(n, train_cfg.batch_size, np.random.default_rng(s),
+                                privacy.sample_rate if privacy is not None else None)
+        self.micro = train_cfg.batch_size // train_cfg.grad_accum
+        # Micro-batches of similar length pad less.  Exact where the step's gradient is a mean over examples:
+        # per-example losses (classification) and DP-SGD (per-example gradients); instruction losses average tokens
+        # per micro-batch, so their grouping is left as sampled.
+        self.sort_by_length = hasattr(examples, "input_ids") and (
+            privacy is not None or getattr(examples, "loss_is_mean_over_examples", False))
+        self.lengths = (np.fromiter((len(x) for x in examples.input_ids), dtype=np.int64, count=n)
+                        if self.sort_by_length else None)
+        head_params = [p for k, p in slots.params.items() if role_of(k) == ROLE_HEAD and p.requires_grad]
+        self.optimizer = make_optimizer(self.params, train_cfg, round_lr(train_cfg, round_idx),
+                                        head=(head_params, round_head_lr(train_cfg, round_idx)))
+        self.hooks = hooks or LocalHooks()
+        self.losses: list[float] = []
+        mu = getattr(train_cfg, "prox_mu", 0.0)
+        anchor = [p.detach().clone() for p in self.params] if mu > 0 else None
+        self.prox = (lambda: [mu * (p.detach() - a) for p, a in zip(self.params, anchor)]) if mu > 0 else None
+
+    def next_batch(self) -> tuple[int, list[np.ndarray]]:
+        """The next step's batch size and its micro-batches (length-sorted where that is exact)."""
+        idx = self.sampler.next()
+        if self.sort_by_length and len(idx) > self.micro:
+            idx = idx[np.argsort(self.lengths[idx], kind="stable")]
+        return len(idx), [idx[start:start + self.micro] for start in range(0, len(idx), self.micro)]
+
+    def penalty(self, stepper, weight: float):
+        """The method's loss term for this step, scaled so that ``weight ×`` it adds it once (None if it has none)."""
+        extra = self.hooks.penalty(self.slots)
+        if extra is not None and stepper.private:
+            raise ValueError("a method's loss term is not part of the privatised gradient; it cannot run under "
+                             "DP-SGD")
+        return None if extra is None else extra / weight
+
+    def release(self) -> None:
+        for p in self.params:
+            p.requires_grad_(False)
+            p.grad = None
+
+    def update(self, stepper, accountant: ClientAccountant | None = None) -> Update:
+        """What the client uploads (``plan.upload`` roles) with its metrics."""
+        plan, privacy = self.plan, self.privacy
+        trained = self.slots.read()
+        metrics = {"steps": float(self.steps), "empty_batches": float(stepper.empty_batches)}
+        if privacy is None:
+            # Under DP the client reports nothing computed from its data but the privatised tensors: its training
+            # loss is a statistic of its examples outside the accounting, so it is not sent (the checksum of A is
+            # post-processing of the privatised state; Poisson batch sizes depend on n and the seed only).
+            metrics["loss"] = float(np.mean(self.losses)) if self.losses else float("nan")
+        if privacy is not None and accountant is not None:
+            metrics["epsilon"] = accountant.epsilon(plan.client_id, privacy.delta)
+        metrics.update(self.hooks.metrics(self.slots, trained))
+        return Update(plan.client_id, len(self.examples), plan.uploaded(trained), metrics)
+
+
 def train_client(*, model: nn.Module, slots: LoraSlots, initial: Adapter | None, plan: ClientPlan, examples: Examples,
                  loss_fn: LossFn, train_cfg, round_idx: int, seed: int,
                  privacy: ClientPrivacy | None = None, accountant: ClientAccountant | None = None,
@@ -104,74 +173,36 @@ def train_client(*, model: nn.Module, slots: LoraSlots, initial: Adapter | None,
 
     ``hooks`` are the method's (:meth:`fedlora.methods.base.Method.local_hooks`): a loss term added once per step
     and metrics reported with the upload.  ``train_cfg.prox_mu = μ > 0`` adds FedProx's proximal gradient
-    ``μ(θ − θ_start)`` over the trained tensors to every step (after clipping and noise under DP-SGD).  The client starts from ``initial`` with ``plan.download``'s tensors in place of its own, loaded into the slots;
+    ``μ(θ − θ_start)`` over the trained tensors to every step (after clipping and noise under DP-SGD).  The client
+    starts from ``initial`` with ``plan.download``'s tensors in place of its own, loaded into the slots;
     ``initial=None`` means the caller has loaded the slots already (the simulation engine does, so that neither the
     initial adapter nor the download is held while the client trains)."""
     if initial is not None:
         slots.load(initial.with_tensors(plan.download))
-    params = slots.set_trainable(plan.train, plan.modules)
-    if not params:
-        raise ValueError(f"client {plan.client_id}: the plan trains nothing (roles {sorted(plan.train)})")
-    s = client_seed(seed, round_idx, plan.client_id)
-    torch.manual_seed(s)  # dropout
-    rng = np.random.default_rng(s)
-    n = len(examples)
-    steps = privacy.steps_per_round if privacy is not None else steps_per_round(train_cfg, n)
-    sampler = _Sampler(n, train_cfg.batch_size, rng, privacy.sample_rate if privacy is not None else None)
-    micro = train_cfg.batch_size // train_cfg.grad_accum
-    # Micro-batches of similar length pad less.  Exact where the step's gradient is a mean over examples: per-example
-    # losses (classification) and DP-SGD (per-example gradients); instruction losses average tokens per micro-batch,
-    # so their grouping is left as sampled.
-    sort_by_length = hasattr(examples, "input_ids") and (
-        privacy is not None or getattr(examples, "loss_is_mean_over_examples", False))
-    lengths = np.fromiter((len(x) for x in examples.input_ids), dtype=np.int64, count=n) if sort_by_length else None
-
-    head_params = [p for k, p in slots.params.items() if role_of(k) == ROLE_HEAD and p.requires_grad]
-    optimizer = make_optimizer(params, train_cfg, round_lr(train_cfg, round_idx),
-                               head=(head_params, round_head_lr(train_cfg, round_idx)))
+    run = ClientRun(slots=slots, plan=plan, examples=examples, train_cfg=train_cfg, round_idx=round_idx, seed=seed,
+                    privacy=privacy, hooks=hooks)
+    torch.manual_seed(run.seed)  # dropout
     model.train()
-    losses: list[float] = []
-    hooks = hooks or LocalHooks()
-    mu = getattr(train_cfg, "prox_mu", 0.0)
-    anchor = [p.detach().clone() for p in params] if mu > 0 else None
-    prox = (lambda: [mu * (p.detach() - a) for p, a in zip(params, anchor)]) if mu > 0 else None  # FedProx
     try:
-        with local_step(model, optimizer, privacy, expected_batch_size=train_cfg.batch_size, noise_seed=s + 1,
-                        secure_rng=secure_rng, accountant=accountant, client_id=plan.client_id) as stepper:
-            for _ in range(steps):
+        with local_step(model, run.optimizer, privacy, expected_batch_size=train_cfg.batch_size,
+                        noise_seed=run.seed + 1, secure_rng=secure_rng, accountant=accountant,
+                        client_id=plan.client_id) as stepper:
+            for _ in range(run.steps):
                 stepper.optimizer.zero_grad(set_to_none=True)
-                idx = sampler.next()
-                if sort_by_length and len(idx) > micro:
-                    idx = idx[np.argsort(lengths[idx], kind="stable")]
+                size, chunks = run.next_batch()
                 batch_loss = 0.0
-                for start in range(0, len(idx), micro):
-                    chunk = idx[start:start + micro]
+                for i, chunk in enumerate(chunks):
                     with autocast(model, getattr(train_cfg, "precision", "fp32")):
                         loss = loss_fn(stepper.model, examples.batch(chunk))
-                    weight = stepper.chunk_weight(len(chunk), len(idx))
-                    extra = hooks.penalty(slots) if start == 0 else None  # the method's loss term, once per step
+                    weight = stepper.chunk_weight(len(chunk), size)
+                    extra = run.penalty(stepper, weight) if i == 0 else None  # the method's term, once per step
                     if extra is not None:
-                        if stepper.private:
-                            raise ValueError("a method's loss term is not part of the privatised gradient; it "
-                                             "cannot run under DP-SGD")
-                        loss = loss + extra / weight
+                        loss = loss + extra
                     (loss * weight).backward()
                     batch_loss += float(loss.detach()) * len(chunk)
-                stepper.step(params, len(idx), extra_grad=prox)
-                if len(idx):
-                    losses.append(batch_loss / len(idx))
+                stepper.step(run.params, size, extra_grad=run.prox)
+                if size:
+                    run.losses.append(batch_loss / size)
     finally:
-        for p in params:
-            p.requires_grad_(False)
-            p.grad = None
-    trained = slots.read()
-    metrics = {"steps": float(steps), "empty_batches": float(stepper.empty_batches)}
-    if privacy is None:
-        # Under DP the client reports nothing computed from its data but the privatised tensors: its training loss
-        # is a statistic of its examples outside the accounting, so it is not sent (the checksum of A is
-        # post-processing of the privatised state; Poisson batch sizes depend on n and the seed only).
-        metrics["loss"] = float(np.mean(losses)) if losses else float("nan")
-    if privacy is not None and accountant is not None:
-        metrics["epsilon"] = accountant.epsilon(plan.client_id, privacy.delta)
-    metrics.update(hooks.metrics(slots, trained))
-    return Update(plan.client_id, n, plan.uploaded(trained), metrics)
+        run.release()
+    return run.update(stepper, accountant)

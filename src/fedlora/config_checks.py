@@ -100,6 +100,9 @@ def _check_train(t) -> None:
           f"a divisor of train.batch_size ({t.batch_size})")
     _need(t.local_steps >= 1, "train.local_steps", t.local_steps, "a positive integer")
     _need(t.local_epochs >= 0, "train.local_epochs", t.local_epochs, "non-negative")
+    _need(t.client_group >= 1, "train.client_group", t.client_group, "a positive integer (1 = one client at a time)")
+    _need(not (t.client_group > 1 and t.gradient_checkpointing), "train.client_group", t.client_group,
+          "1 with train.gradient_checkpointing (recomputing a grouped forward would redraw its clients' dropout)")
     _need(t.eval_batch_size >= 1, "train.eval_batch_size", t.eval_batch_size, "a positive integer")
     _need(t.prox_mu >= 0 and math.isfinite(t.prox_mu), "train.prox_mu", t.prox_mu,
           "a non-negative finite number (0 = no proximal term)")

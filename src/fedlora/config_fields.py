@@ -134,6 +134,32 @@ TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
 
 
 @dataclass
+class TrainConfig:
+    optimizer: str = _f("adamw", "Local optimiser.", choices=("adamw", "sgd"))
+    lr: float = _f(1e-2, "Local learning rate (of round 1).")
+    lr_decay: float = _f(0.88, "Multiply the learning rate by this every round: round t uses lr * lr_decay^(t-1).")
+    head_lr: float = _f(0.0, "Learning rate of the classification head (round 1; decays with lr_decay); 0 = train.lr "
+                        "(a head on normalised features needs large weights: docs/methods.md §4b).")
+    weight_decay: float = _f(0.0, "Weight decay.")
+    momentum: float = _f(0.0, "SGD momentum.")
+    batch_size: int = _f(16, "Examples per optimiser step (the expected Poisson batch size under DP).")
+    grad_accum: int = _f(1, "Micro-batches per optimiser step (batch_size must be divisible by it).")
+    local_steps: int = _f(10, "Optimiser steps per client per round (ignored when local_epochs > 0).")
+    local_epochs: float = _f(0.0, "If > 0, local work in epochs over the client's training data instead of steps.")
+    eval_batch_size: int = _f(128, "Batch size for evaluation.")
+    prox_mu: float = _f(0.0, "FedProx: the local loss gains mu/2 * ||theta - theta_start||^2 over the trained tensors "
+                        "(theta_start = the round's start; under DP added after clipping and noise, §7d); 0 = off.")
+    precision: str = _f("fp32", "'fp32', or 'bf16': bfloat16 autocast in local training, fp32 master weights and "
+                        "optimiser state (faster only with AVX512-BF16/AMX or a GPU; refused under DP).",
+                        choices=("fp32", "bf16"))
+    gradient_checkpointing: bool = _f(False, "Recompute each block's activations in the backward pass instead of "
+                                      "storing them: less memory, ~1/3 more compute, the same gradients.")
+    client_group: int = _f(1, "Simulation: train up to N sampled clients together, their micro-batches packed through one "
+                           "forward pass of the shared base (the same uploads up to float rounding; DP clients and "
+                           "layer-subset methods train one at a time; docs/benchmarks.md). 1 = one at a time.")
+
+
+@dataclass
 class TrackConfig:
     tensorboard: bool = _f(False, "Write TensorBoard event files under the run directory (tensorboard --logdir runs). "
                            "Needs the 'tensorboard' extra.")

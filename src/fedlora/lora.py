@@ -295,6 +295,14 @@ class LoraSlots:
             raise ModelError("the PEFT model has no LoRA modules")
         return cls(params, shapes, alphas)
 
+    def standalone(self, adapter: Adapter) -> "LoraSlots":
+        """Slots of the same keys, shapes and dtypes that are tensors of their own (not the model's), holding
+        ``adapter``: a client trained in a group (:mod:`fedlora.client_group`) keeps its factors here."""
+        own = LoraSlots({k: nn.Parameter(torch.empty_like(p), requires_grad=False) for k, p in self.params.items()},
+                        dict(self.shapes), dict(self.alphas))
+        own.load(adapter)
+        return own
+
     def ranks(self) -> dict[str, int]:
         from fedlora.adapters import A_SUFFIX as _A
 

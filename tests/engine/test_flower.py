@@ -56,6 +56,12 @@ def test_run_config_resolution(tmp_path, monkeypatch):
         flower.resolve_config({"config": "examples/nope.toml"})
 
 
+def test_flower_refuses_grouped_client_training():
+    """train.client_group groups the in-process engine's clients; a Flower run refuses it before any work."""
+    with pytest.raises(ConfigError, match="client_group = 4 .* SuperNode"):
+        flower.run_on_grid(None, {"config": TINY, "overrides": "train.client_group=4"}, log=lambda *_: None)
+
+
 def _simulate(run_config: dict, client_app=None, nodes: int = 3) -> None:
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation

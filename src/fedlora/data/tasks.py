@@ -169,8 +169,13 @@ class ClassificationTask:
         """Mean over examples of the per-example cross-entropy, computed outside the model (Opacus needs a mean
         over samples)."""
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = model(**inputs).logits
-        return F.cross_entropy(logits, batch["labels"], reduction="mean")
+        return ClassificationTask.loss_from_logits(model(**inputs).logits, batch["labels"])
+
+    @staticmethod
+    def loss_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
+        """The loss of :meth:`loss` from a micro-batch's logits (grouped training computes them for many clients
+        in one pass: :mod:`fedlora.client_group`)."""
+        return F.cross_entropy(logits, labels, reduction="mean")
 
     @staticmethod
     @torch.inference_mode()

@@ -26,48 +26,86 @@ class RoundUpdates:
     down_bytes: int = 0
     reports: dict[int, dict] = field(default_factory=dict)
     missing: dict[int, str] = field(default_factory=dict)  # sampled clients whose reply never came (Flower)
+    grouping: dict[str, int] = field(default_factory=dict)  # train.client_group: clients grouped / alone, by reason
 
 
-def client_work(eng: Engine, plan: ClientPlan, t: int, method: Method,
-                kept: dict[str, Tensor] | None = None) -> tuple[bytes, Update, dict[str, Tensor]]:
-    """A client's side of round ``t``, the same in every engine: the method's :meth:`~Method.prepare_client` (it may
-    finish the plan with local information), start from the initial adapter with the plan's download in place (and,
-    for a plan with ``keep`` roles, the tensors the client ``kept`` from its last round), train locally inside the
-    method's :meth:`~Method.training_scope` with its :meth:`~Method.local_hooks` (DP-SGD when the client has a
-    privacy plan), and encode the upload.  Returns the upload's bytes, the update without tensors, and the tensors
-    the client keeps for its next round (``plan.keep`` roles; never uploaded)."""
-    cfg, task = eng.prepared.cfg, eng.prepared.task
+@dataclass
+class ClientStart:
+    """A client's round up to local training: the method's finished plan, its report so far, its slots holding its
+    starting adapter, and its hooks; ``skipped`` is its update when nothing fits its budget (it sits out)."""
+
+    plan: ClientPlan
+    report: dict
+    ctx: ClientContext
+    slots: object
+    hooks: object = None
+    skipped: Update | None = None
+    kept: dict[str, Tensor] | None = None
+
+
+def start_client(eng: Engine, plan: ClientPlan, t: int, method: Method, kept: dict[str, Tensor] | None = None,
+                 own_slots: bool = False) -> ClientStart:
+    """The method's :meth:`~Method.prepare_client` (it may finish the plan with local information), then the slots
+    loaded with the initial adapter, the plan's download in place (and, for a plan with ``keep`` roles, the tensors
+    the client ``kept`` from its last round).  ``own_slots``: tensors of the client's own
+    (:meth:`~fedlora.lora.LoraSlots.standalone`, for grouped training) instead of the shared model's."""
+    task = eng.prepared.task
     ranks = eng.spec.ranks_of(plan)
     slots = eng.pool.slots(ranks)
     seed = plan.config.get("init_seed")
     examples = eng.client_train[plan.client_id]
-    ctx = ClientContext(eng.model, slots, examples, task.loss, cfg.train, eng.spec, t, cfg.seed,
+    ctx = ClientContext(eng.model, slots, examples, task.loss, eng.prepared.cfg.train, eng.spec, t, eng.prepared.cfg.seed,
                         start=lambda: eng.initial_for(ranks, seed))
     plan, report = method.prepare_client(ctx, plan)
     kept = kept if plan.keep else None
     if plan.keep and kept is None and plan.config.get("returning"):
         report["state_restarted"] = 1  # it trained before but holds no state: it starts its part afresh
     if plan.modules is not None and not plan.modules and not (plan.train & {"head"}):
-        update = Update(plan.client_id, len(examples), {},
-                        {"loss": float("nan"), "skipped": 1.0, "steps": 0.0})  # nothing fits its budget: sits out
-        out_kept = kept or {}
+        skipped = Update(plan.client_id, len(examples), {},
+                         {"loss": float("nan"), "skipped": 1.0, "steps": 0.0})  # nothing fits its budget: sits out
+        return ClientStart(plan, report, ctx, slots, skipped=skipped, kept=kept or {})
+    # the client's starting point goes into the slots here, and neither it nor the download is held while it
+    # trains (a rank-56 SmolLM2 adapter is 68 MB)
+    start = ctx.start().with_tensors(plan.download)
+    start = start.with_tensors(kept) if kept else start
+    if own_slots:
+        slots = slots.standalone(start)
     else:
-        # the client's starting point goes into the slots here, and neither it nor the download is held while it
-        # trains (a rank-56 SmolLM2 adapter is 68 MB)
-        start = ctx.start().with_tensors(plan.download)
-        slots.load(start.with_tensors(kept) if kept else start)
-        del start
-        plan = dataclasses.replace(plan, download={})
-        hooks = method.local_hooks(plan, slots)
-        with method.training_scope(ctx, plan, report):
-            update = train_client(model=eng.model, slots=slots, initial=None, plan=plan, examples=examples,
-                                  loss_fn=task.loss, train_cfg=cfg.train, round_idx=t, seed=cfg.seed,
-                                  privacy=plan.privacy, accountant=None,
-                                  secure_rng=cfg.dp.secure_rng, hooks=hooks)
-        out_kept = slots.read().to_flat(plan.keep) if plan.keep else {}
-    update.report.update(report)
+        slots.load(start)
+    del start
+    plan = dataclasses.replace(plan, download={})
+    return ClientStart(plan, report, ctx, slots, hooks=method.local_hooks(plan, slots))
+
+
+def finish_client(started: ClientStart, update: Update) -> tuple[bytes, Update, dict[str, Tensor]]:
+    """Encode the upload; the tensors the client keeps for its next round (``plan.keep`` roles; never uploaded)."""
+    plan = started.plan
+    if started.skipped is not None:
+        out_kept = started.kept
+    else:
+        out_kept = started.slots.read().to_flat(plan.keep) if plan.keep else {}
+    update.report.update(started.report)
     blob = wire.encode(update.tensors)
     return blob, dataclasses.replace(update, tensors={}), out_kept  # from here on only the bytes travel
+
+
+def client_work(eng: Engine, plan: ClientPlan, t: int, method: Method,
+                kept: dict[str, Tensor] | None = None) -> tuple[bytes, Update, dict[str, Tensor]]:
+    """A client's side of round ``t``, the same in every engine: :func:`start_client`, train locally inside the
+    method's :meth:`~Method.training_scope` with its :meth:`~Method.local_hooks` (DP-SGD when the client has a
+    privacy plan), and :func:`finish_client`.  Returns the upload's bytes, the update without tensors, and the
+    tensors the client keeps for its next round."""
+    cfg = eng.prepared.cfg
+    started = start_client(eng, plan, t, method, kept)
+    update = started.skipped
+    if update is None:
+        plan = started.plan
+        with method.training_scope(started.ctx, plan, started.report):
+            update = train_client(model=eng.model, slots=started.slots, initial=None, plan=plan,
+                                  examples=started.ctx.examples, loss_fn=eng.prepared.task.loss, train_cfg=cfg.train,
+                                  round_idx=t, seed=cfg.seed, privacy=plan.privacy, accountant=None,
+                                  secure_rng=cfg.dp.secure_rng, hooks=started.hooks)
+    return finish_client(started, update)
 
 
 def receive_upload(eng: Engine, plan, blob: bytes, update: Update, out: RoundUpdates, accountant,

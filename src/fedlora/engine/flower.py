@@ -201,6 +201,9 @@ def run_on_grid(grid, run_config: dict, log=print):
     from fedlora.engine.loop import run_experiment
 
     cfg = resolve_config(run_config)
+    if cfg.train.client_group > 1:
+        raise ConfigError(f"train.client_group = {cfg.train.client_group} groups the clients of an in-process "
+                          f"simulation; on Flower every SuperNode trains its own clients: set it to 1")
     if not run_config.get("resume", False):
         from fedlora.config_ignored import refuse_ignored
 

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from fedlora import wire
 from fedlora.config import ExperimentConfig
 from fedlora.engine import loop
+from fedlora.engine.client_group import collect_grouped
 from fedlora.engine.client_round import RoundUpdates, client_work, receive_upload
 from fedlora.engine.prepare import ClientData, Prepared, prepare, sample_clients  # noqa: F401  (public names)
 from fedlora.engine.loop import RunResult  # noqa: F401
@@ -36,6 +37,11 @@ def collect_in_process(t, plans, eng: Engine, prepared, accountant, progress, me
     With a ``stream`` (methods that aggregate incrementally) each accepted upload goes straight into the method's
     accumulator and its tensors are not kept: server memory does not grow with the number of sampled clients."""
     cfg = prepared.cfg
+    group = getattr(cfg.train, "client_group", 1)
+    if group > 1:  # clients trained together through one forward pass (fedlora.engine.client_group)
+        with tqdm(total=len(plans), desc=f"round {t}/{cfg.rounds}", unit="client", disable=not progress,
+                  leave=False, file=sys.stderr) as bar:
+            return collect_grouped(t, plans, eng, accountant, method, stream, bar, group)
     out = RoundUpdates()
     bar = tqdm(plans, desc=f"round {t}/{cfg.rounds}", unit="client", disable=not progress, leave=False,
                file=sys.stderr)
