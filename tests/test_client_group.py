@@ -194,3 +194,35 @@ def test_standalone_slots_are_the_clients_own_tensors():
         assert p.dtype == slots.params[k].dtype and p.data_ptr() != slots.params[k].data_ptr()
         assert torch.equal(p, start.to_flat()[k])
     assert np.isclose(float(own.read().to_flat()["classifier.bias"].sum()), float(start.to_flat()["classifier.bias"].sum()))
+
+
+def test_bf16_grouped_round_equals_sequential_round_within_bf16_rounding():
+    """Under train.precision = bf16 the grouped loss is computed inside autocast (in fp32), as train_client's is."""
+    cfg = train_cfg(lr=0.5, momentum=0.9, batch_size=4, local_steps=10, precision="bf16")
+    model, pool = _model(torch.float32)
+    clients = _clients(pool, torch.float32, [4, 4, 4], frozenset({"lora_A", "lora_B", "head"}), [9, 14, 6])
+    seq, _ = _sequential(model, pool, clients, cfg)
+    runs = [ClientRun(slots=pool.slots(r).standalone(s), plan=p, examples=e, train_cfg=cfg, round_idx=2, seed=7)
+            for r, s, p, e in clients]
+    grp = train_group(model, runs, ClassificationTask.loss_from_logits, precision="bf16")
+    _assert_same(seq, grp, 1e-2)
+
+
+def test_models_and_lora_variants_the_packed_forward_does_not_handle_are_refused():
+    from peft import LoraConfig, get_peft_model
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    model, _ = _model()
+    model.base_model.model.config._attn_implementation = "eager"  # eager adds a boolean mask to the scores
+    assert "attention 'eager'" in groupable(model)
+    model.base_model.model.config._attn_implementation = "sdpa"
+    assert groupable(model) is None
+    roberta = RobertaForSequenceClassification(RobertaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                                                             num_attention_heads=2, intermediate_size=32,
+                                                             max_position_embeddings=40))
+    wrapped = get_peft_model(roberta, LoraConfig(r=2, target_modules=TARGETS, task_type="SEQ_CLS"))
+    assert "model type 'roberta'" in groupable(wrapped)  # its positions start after the padding index
+    for variant, needle in ((dict(use_dora=True), "DoRA"), (dict(use_rslora=True), "rsLoRA")):
+        wrapped = get_peft_model(tiny_bert(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                         task_type="SEQ_CLS", **variant))
+        assert needle in groupable(wrapped)

@@ -46,11 +46,12 @@ def train_group(model: nn.Module, runs: list[ClientRun], loss_from_logits, preci
                 group = [g for g in active if c < len(batches[g][1])]
                 chunks = [batches[g][1][c] for g in group]
                 inputs = [runs[g].examples.batch(chunk) for g, chunk in zip(group, chunks)]
-                with autocast(model, precision):
+                with autocast(model, precision):  # the loss too, as train_client computes it (fp32 under autocast)
                     logits = forward.logits(inputs, [members[g] for g in group])
+                    losses = [loss_from_logits(logits[members[g].rows], batch["labels"])
+                              for g, batch in zip(group, inputs)]
                 total = 0.0
-                for g, chunk, batch in zip(group, chunks, inputs):
-                    loss = loss_from_logits(logits[members[g].rows], batch["labels"])
+                for g, chunk, loss in zip(group, chunks, losses):
                     weight = steppers[g].chunk_weight(len(chunk), batches[g][0])
                     extra = runs[g].penalty(steppers[g], weight) if c == 0 else None
                     if extra is not None:

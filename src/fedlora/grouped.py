@@ -65,23 +65,52 @@ def _head_wrappers(peft_model) -> dict[str, nn.Module]:
             and isinstance(getattr(m, "original_module", None), nn.Linear)}
 
 
+MODEL_TYPES = ("bert",)
+"""Architectures whose packed forward is checked equal to the padded one (tests/test_client_group.py).  Others that
+look alike are not: RemBERT, Megatron-BERT and LUKE attend outside the attention interface, MobileBERT's embedding
+mixes neighbouring tokens, RoBERTa's positions start after the padding index."""
+
+
+def _lora_variant(layer: nn.Module) -> str | None:
+    """Why a PEFT LoRA layer is not plain ``s·B·A·x`` with ``s = alpha / r`` (which the grouped forward computes)."""
+    for name in layer.lora_A:
+        if getattr(layer, "use_dora", {}).get(name):
+            return "DoRA"
+        if getattr(layer, "lora_bias", {}).get(name):
+            return "LoRA bias"
+        r = layer.lora_A[name].out_features
+        if abs(layer.scaling[name] - layer.lora_alpha[name] / r) > 1e-12:
+            return "a LoRA scale other than alpha / r (rsLoRA)"
+    if getattr(layer, "merged", False):
+        return "a merged adapter"
+    return None
+
+
 def groupable(peft_model) -> str | None:
     """None when ``peft_model`` can train clients in a group, else why not (the caller falls back to sequential)."""
     inner = peft_model.base_model.model
-    encoder = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
-    if encoder is None or not hasattr(encoder, "embeddings") or not hasattr(encoder, "pooler"):
-        return f"{type(inner).__name__} is not a BERT-style encoder"
-    if getattr(inner.config, "is_decoder", False):
-        return "a decoder"
-    if getattr(inner.config, "position_embedding_type", "absolute") != "absolute":
+    config = inner.config
+    if getattr(config, "model_type", None) not in MODEL_TYPES or getattr(config, "is_decoder", False):
+        return f"model type {getattr(config, 'model_type', type(inner).__name__)!r} (packing is checked for BERT only)"
+    if getattr(config, "position_embedding_type", "absolute") != "absolute":
         return "positions are not absolute"
-    pooler = encoder.pooler
+    if config._attn_implementation != "sdpa":
+        return f"attention {config._attn_implementation!r} (packing is checked with sdpa)"
+    encoder = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
+    pooler = getattr(encoder, "pooler", None)
     if pooler is None or not (hasattr(pooler, "mode") or (hasattr(pooler, "dense") and hasattr(pooler, "activation"))):
         return f"pooler {type(pooler).__name__} is not one grouped training knows"
-    if any(isinstance(b, CoreLinear) for m in _lora_layers(peft_model).values() for b in m.lora_B.values()):
+    layers = _lora_layers(peft_model)
+    if any(isinstance(b, CoreLinear) for m in layers.values() for b in m.lora_B.values()):
         return "LoRA cores (Fed-SB)"
-    if not _head_wrappers(peft_model):
-        return "no linear task head"
+    variant = next((v for v in map(_lora_variant, layers.values()) if v), None)
+    if variant:
+        return variant
+    wrappers = [m for m in inner.modules() if hasattr(m, "modules_to_save")]
+    if not wrappers or any(not isinstance(getattr(m, "original_module", None), nn.Linear) for m in wrappers):
+        return "a task head that is not one linear layer"
+    if any("forward" in vars(m) for m in inner.modules()):
+        return "a module whose forward is already replaced"
     return None
 
 
@@ -165,10 +194,7 @@ class GroupedForward:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         original = self.config._attn_implementation
-        inner_attention = ALL_ATTENTION_FUNCTIONS[original] if original != "eager" else None
-        if inner_attention is None:
-            from transformers.models.bert.modeling_bert import eager_attention_forward as inner_attention
-        AttentionInterface.register(ATTENTION, _grouped_attention(members, inner_attention))
+        AttentionInterface.register(ATTENTION, _grouped_attention(members, ALL_ATTENTION_FUNCTIONS[original]))
         patched: list[nn.Module] = []
 
         def patch(module: nn.Module, forward) -> None:
@@ -187,8 +213,9 @@ class GroupedForward:
             yield
         finally:
             for module in patched:
-                del module.forward  # back to the class's forward
+                del module.forward  # back to the class's forward (groupable: none had one of its own)
             self.config._attn_implementation = original
+            AttentionInterface.register(ATTENTION, _grouped_attention([], None))  # holds no client tensors
 
     @staticmethod
     def _lora_forward(name: str, layer: nn.Module, members: list[Member]):

@@ -32,7 +32,8 @@ def why_sequential(eng, plan, method, model_reason: str | None = None) -> str | 
     if plan.privacy is not None:
         return "dp"
     inner = getattr(method, "inner", method)  # the robust wrapper delegates to the method it wraps
-    if type(inner).training_scope is not Method.training_scope:
+    if (type(inner).training_scope is not Method.training_scope
+            or type(inner).prepare_client is not Method.prepare_client):  # may change the plan after this check
         return "scope"
     if plan.modules is not None:
         return "layers"
