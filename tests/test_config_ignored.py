@@ -20,6 +20,8 @@ from fedlora.errors import ConfigError
     (["train.local_epochs=1", "train.local_steps=5"], "train.local_steps", "train.local_epochs = 0"),
     (["clients.partition=iid", "clients.dirichlet_alpha=1.0"], "clients.dirichlet_alpha", "'dirichlet'"),
     (["robust.trim_fraction=0.2"], "robust.trim_fraction", "trimmed_mean"),
+    (['attack.kind="sign_flip"', "attack.clients=[0]", "attack.scale=5"], "attack.scale", "attack.kind = 'scale'"),
+    (["attack.clients=[0]"], "attack.clients", "an attack.kind other than 'none'"),
     (['data.loss_on="response"'], "data.loss_on", "data.task = 'instruction'"),
     (["eval.max_new_tokens=8"], "eval.max_new_tokens", "instruction"),
     (['data.client_column="owner"'], "data.client_column", "clients.partition = 'by_task'"),

@@ -26,8 +26,9 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 from fedlora.config_checks import validate
-from fedlora.config_fields import (FedExConfig, FedSBConfig, FedSVDConfig, FlexLoraConfig, FloraConfig,
-                                   HetLoraConfig, LoRAFAIRConfig, PilotConfig, TrackConfig, TrainConfig, _f)
+from fedlora.config_fields import (AttackConfig, FedExConfig, FedSBConfig, FedSVDConfig, FlexLoraConfig, FloraConfig,
+                                   HetLoraConfig, LoRAFAIRConfig, PilotConfig, SecureConfig, TrackConfig, TrainConfig,
+                                   _f)
 from fedlora.errors import ConfigError
 
 
@@ -205,6 +206,8 @@ class ExperimentConfig:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     pilot: PilotConfig = field(default_factory=PilotConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    secure: SecureConfig = field(default_factory=SecureConfig)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -176,3 +176,55 @@ class TrackConfig:
         for key, module in TRACKERS.items():
             if getattr(self, key) and importlib.util.find_spec(module) is None:
                 raise ConfigError(f"track.{key} needs the {module!r} package: pip install 'fedlora[{key}]'")
+
+
+@dataclass
+class AttackConfig:
+    kind: str = _f("none", "Simulation only: what the clients in attack.clients do. 'scale' (send sent + s*update, "
+                   "s = attack.scale), 'sign_flip' (sent - update), 'gaussian' (Gaussian noise with the update's shape "
+                   "and L2 norm), 'label_flip' (train honestly on labels y -> L-1-y); 'none' = every client honest.",
+                   choices=("none", "scale", "sign_flip", "gaussian", "label_flip"))
+    clients: list = _f([], "Client ids (0-based) that are malicious under attack.kind (at least one must stay "
+                       "honest).")
+    scale: float = _f(10.0, "attack.kind = 'scale': the factor on the malicious client's update.")
+
+    def check(self) -> None:
+        if self.kind == "none":  # clients without a kind are an ignored setting (a grid over kinds keeps them)
+            return
+        need(len(self.clients) > 0, "attack.clients", self.clients, f"at least one client id (attack.kind = "
+             f"{self.kind!r})")
+        for i, c in enumerate(self.clients):
+            need(isinstance(c, int) and not isinstance(c, bool) and c >= 0, f"attack.clients[{i}]", c,
+                 "a non-negative client id")
+        need(len(set(self.clients)) == len(self.clients), "attack.clients", self.clients, "distinct client ids")
+        need(self.scale > 0 and math.isfinite(self.scale), "attack.scale", self.scale, "a positive finite number")
+
+
+@dataclass
+class SecureConfig:
+    aggregation: bool = _f(False, "Flower engine: secure aggregation (SecAgg+, Bell et al. 2020, with Flower's workflow "
+                           "and client mod): the server learns only the data-weighted sum of the uploads, never one "
+                           "client's. Methods whose aggregate is an average of uploads only (fedit, ffa, fedsa, "
+                           "rolora, fedsb).")
+    num_shares: float = _f(1.0, "SecAgg+: shares of each client's secrets, as a fraction of the round's clients "
+                           "(<= 1) or a count (> 2); 1.0 = every client holds a share of every other's.")
+    reconstruction_threshold: float = _f(0.5, "SecAgg+: shares needed to rebuild a secret, as a fraction of the "
+                                         "shares (<= 1) or a count; it is also the fewest live neighbours each "
+                                         "client needs, so it bounds the dropouts a round survives.")
+    clipping_range: float = _f(8.0, "SecAgg+: uploaded values are quantised on [-c, c]; a client whose upload has a "
+                               "larger value fails its round instead of being clipped silently.")
+    quantization_bits: int = _f(22, "SecAgg+: values are quantised to 2**bits levels on [-c, c] (the error of the "
+                                "sum is at most clients * 2c / 2**bits / total weight per coordinate).")
+
+    def check(self) -> None:
+        need(self.num_shares > 2 or 0 < self.num_shares <= 1, "secure.num_shares", self.num_shares,
+             "a fraction in (0, 1] or a count > 2")
+        need(self.reconstruction_threshold >= 2 or 0 < self.reconstruction_threshold <= 1,
+             "secure.reconstruction_threshold", self.reconstruction_threshold, "a fraction in (0, 1] or a count >= 2")
+        if self.num_shares > 2 and self.reconstruction_threshold >= 2:
+            need(self.reconstruction_threshold < self.num_shares, "secure.reconstruction_threshold",
+                 self.reconstruction_threshold, f"less than secure.num_shares ({self.num_shares})")
+        need(self.clipping_range > 0 and math.isfinite(self.clipping_range), "secure.clipping_range",
+             self.clipping_range, "a positive finite number")
+        need(8 <= self.quantization_bits <= 28, "secure.quantization_bits", self.quantization_bits,
+             "in [8, 28] (the masked sum lives modulo 2**32)")

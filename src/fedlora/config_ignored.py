@@ -30,6 +30,10 @@ _MODE_KEYS = {
                          lambda c: c.server.optimizer in ("fedadam", "fedyogi")),
                "eps": ("an adaptive server.optimizer (fedadam, fedyogi, fedadagrad)",
                        lambda c: c.server.optimizer in ("fedadam", "fedyogi", "fedadagrad"))},
+    "secure": {k: ("secure.aggregation = true", lambda c: c.secure.aggregation)
+               for k in ("num_shares", "reconstruction_threshold", "clipping_range", "quantization_bits")},
+    "attack": {"scale": ("attack.kind = 'scale'", lambda c: c.attack.kind == "scale"),
+               "clients": ("an attack.kind other than 'none'", lambda c: c.attack.kind != "none")},
     "track": {"experiment": ("track.mlflow or track.wandb", lambda c: bool(c.track.mlflow or c.track.wandb))},
     "data": {"client_column": ("clients.partition = 'by_task' or data.instructions",
                                lambda c: c.clients.partition == "by_task" or bool(c.data.instructions))},

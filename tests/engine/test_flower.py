@@ -62,6 +62,13 @@ def test_flower_refuses_grouped_client_training():
         flower.run_on_grid(None, {"config": TINY, "overrides": "train.client_group=4"}, log=lambda *_: None)
 
 
+def test_flower_refuses_simulated_attacks():
+    """attack.* makes clients malicious in a simulation; a Flower run refuses it before any work."""
+    with pytest.raises(ConfigError, match="attack.kind = 'scale' .* SuperNodes"):
+        flower.run_on_grid(None, {"config": TINY, "overrides": 'attack.kind="scale"; attack.clients=[0]'},
+                           log=lambda *_: None)
+
+
 def _simulate(run_config: dict, client_app=None, nodes: int = 3) -> None:
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation

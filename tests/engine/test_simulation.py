@@ -235,6 +235,7 @@ def test_a_flexlora_round_without_uploads_reads_its_state_back(tmp_path, toy_mod
 @pytest.mark.parametrize("method,extra,grouping", [
     ("fedit", [], {"grouped": 4}),
     ("ffa", [], {"grouped": 4}),
+    ("fedit", ['attack.kind="sign_flip"', "attack.clients=[1]"], {"grouped": 4}),  # grouped clients are poisoned too
     ("flexlora", ['lora.rank_distribution="explicit"', "lora.client_ranks=[1, 2, 4, 3]"], {"grouped": 4}),
     ("ffa", ["dp.enabled=true", "dp.epsilon=8", "train.batch_size=8"], {"dp": 4}),
     ("fedra", ["memory.budgets=[0.5, 0.75, 1.0, 1.0]", "memory.unit=\"fraction\""], {"scope": 4}),

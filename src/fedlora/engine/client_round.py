@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Callable
 
 from torch import Tensor
 
 from fedlora import wire
 from fedlora.adapters import Adapter
+from fedlora.attack import update_poisoner
 from fedlora.client import train_client
 from fedlora.engine.runtime import Engine
 from fedlora.errors import UpdateError
@@ -27,6 +29,7 @@ class RoundUpdates:
     reports: dict[int, dict] = field(default_factory=dict)
     missing: dict[int, str] = field(default_factory=dict)  # sampled clients whose reply never came (Flower)
     grouping: dict[str, int] = field(default_factory=dict)  # train.client_group: clients grouped / alone, by reason
+    secure: dict = field(default_factory=dict)  # secure.aggregation: what the server received (Flower engine)
 
 
 @dataclass
@@ -41,6 +44,7 @@ class ClientStart:
     hooks: object = None
     skipped: Update | None = None
     kept: dict[str, Tensor] | None = None
+    poison: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None  # attack.*: a malicious client's upload
 
 
 def start_client(eng: Engine, plan: ClientPlan, t: int, method: Method, kept: dict[str, Tensor] | None = None,
@@ -68,13 +72,14 @@ def start_client(eng: Engine, plan: ClientPlan, t: int, method: Method, kept: di
     # trains (a rank-56 SmolLM2 adapter is 68 MB)
     start = ctx.start().with_tensors(plan.download)
     start = start.with_tensors(kept) if kept else start
+    poison = update_poisoner(eng.prepared.cfg.attack, plan.client_id, plan.uploaded(start), t, eng.prepared.cfg.seed)
     if own_slots:
         slots = slots.standalone(start)
     else:
         slots.load(start)
     del start
     plan = dataclasses.replace(plan, download={})
-    return ClientStart(plan, report, ctx, slots, hooks=method.local_hooks(plan, slots))
+    return ClientStart(plan, report, ctx, slots, hooks=method.local_hooks(plan, slots), poison=poison)
 
 
 def finish_client(started: ClientStart, update: Update) -> tuple[bytes, Update, dict[str, Tensor]]:
@@ -85,6 +90,8 @@ def finish_client(started: ClientStart, update: Update) -> tuple[bytes, Update, 
     else:
         out_kept = started.slots.read().to_flat(plan.keep) if plan.keep else {}
     update.report.update(started.report)
+    if started.poison is not None and update.tensors:
+        update = dataclasses.replace(update, tensors=started.poison(update.tensors))
     blob = wire.encode(update.tensors)
     return blob, dataclasses.replace(update, tensors={}), out_kept  # from here on only the bytes travel
 

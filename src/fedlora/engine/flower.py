@@ -38,6 +38,7 @@ from flwr.serverapp import ServerApp
 from fedlora.config import ExperimentConfig, load_config, to_toml
 from fedlora.engine.flower_messages import (bytes_array, memory_to_text, plan_from_text, plan_to_text,  # noqa: F401
                                             update_from_text, update_to_text)
+from fedlora.engine.flower_secure import secure_mod
 from fedlora.errors import ConfigError
 
 # torch, transformers and the engine are imported inside the functions that need them: a deployment's ClientApp
@@ -105,6 +106,10 @@ class FlowerRound:
         from fedlora import wire
         from fedlora.engine.client_round import RoundUpdates, receive_upload
 
+        if self.cfg.secure.aggregation:  # SecAgg+: the server sees only the sum (fedlora.engine.flower_secure)
+            from fedlora.engine.flower_secure import collect_secure
+
+            return collect_secure(self, t, plans, eng, accountant, method, stream)
         out = RoundUpdates()
         wanted = {p.client_id for p in plans}
         self._discover(wanted, len(prepared.clients))
@@ -204,6 +209,9 @@ def run_on_grid(grid, run_config: dict, log=print):
     if cfg.train.client_group > 1:
         raise ConfigError(f"train.client_group = {cfg.train.client_group} groups the clients of an in-process "
                           f"simulation; on Flower every SuperNode trains its own clients: set it to 1")
+    if cfg.attack.kind != "none":
+        raise ConfigError(f"attack.kind = {cfg.attack.kind!r} makes clients malicious in a simulation, to measure "
+                          f"defences; a Flower deployment's clients are its SuperNodes': leave attack.* unset")
     if not run_config.get("resume", False):
         from fedlora.config_ignored import refuse_ignored
 
@@ -224,11 +232,19 @@ def client_train(msg, context):
     deployment loads the base model once per node rather than once per message."""
     from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
-    rec = msg.content["plan"]
-    args = (str(rec["config"]), context.node_config.get("data-dir"), str(rec["json"]), int(rec["round"]),
-            msg.content["download"]["tensors"].data, int(context.node_config.get("partition-id", -1)),
-            str(rec.get("memory", "")),
-            msg.content["merge"]["tensors"].data if "merge" in msg.content else b"")
+    from fedlora.engine.flower_secure import is_secure_train, secure_args, secure_reply
+
+    secure = is_secure_train(msg)
+    if secure:  # SecAgg+'s training stage: the plan is the FitIns config (fedlora.engine.flower_secure)
+        config, plan, t, download, memory, merge = secure_args(msg)
+        args = (config, context.node_config.get("data-dir"), plan, t, download,
+                int(context.node_config.get("partition-id", -1)), memory, merge)
+    else:
+        rec = msg.content["plan"]
+        args = (str(rec["config"]), context.node_config.get("data-dir"), str(rec["json"]), int(rec["round"]),
+                msg.content["download"]["tensors"].data, int(context.node_config.get("partition-id", -1)),
+                str(rec.get("memory", "")),
+                msg.content["merge"]["tensors"].data if "merge" in msg.content else b"")
     kept = context.state.get("fedlora") if "fedlora" in context.state else None
     state = kept["base"].data if kept is not None and "base" in kept else None
     if _short_lived_process(context):
@@ -240,6 +256,8 @@ def client_train(msg, context):
 
         blob, update_text, state = local_round(*args, state)
     context.state["fedlora"] = ArrayRecord({"base": bytes_array(state)})  # Flower keeps it for this node
+    if secure:
+        return secure_reply(msg, blob, update_text, args[0])
     return Message(RecordDict({"upload": ArrayRecord({"tensors": bytes_array(blob)}),
                                "update": ConfigRecord({"json": update_text})}), reply_to=msg)
 
@@ -294,6 +312,6 @@ def _server_main(grid, context) -> None:
 
 
 client_app = ClientApp()
-client_app.train()(client_train)
+client_app.train(mods=[secure_mod])(client_train)  # SecAgg+ messages pass Flower's secaggplus_mod
 client_app.query()(client_query)
 client_app.evaluate()(client_evaluate)

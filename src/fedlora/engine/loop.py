@@ -254,6 +254,8 @@ def _round_row(t, received: RoundUpdates, prepared, accountant, cfg, method) -> 
         row["missing"] = received.missing
     if received.grouping:
         row["client_group"] = received.grouping  # how many trained in groups, how many alone and why
+    if received.secure:
+        row["secure_aggregation"] = received.secure  # SecAgg+: contributors, bytes, and that no tensor came in clear
     if received.norms:
         row["update_norm"] = received.norms
     columns = {**method.report_columns, **({"state_restarted": "state_restarted_per_client"}

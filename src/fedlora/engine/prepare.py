@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedlora.attack import check_attack
 from fedlora.client import steps_per_round
 from fedlora.config import ExperimentConfig
 from fedlora.data.partition import partition, split_local
@@ -96,6 +97,26 @@ def _server_optimizer_methods() -> list[str]:
     return [n for n in available_methods() if get_method(n).accepts_server_optimizer]
 
 
+def secure_methods() -> list[str]:
+    """The registered methods whose aggregate is the data-weighted average of the uploads."""
+    return [n for n in available_methods() if get_method(n).accepts_server_optimizer]
+
+
+def check_secure(cfg, method_cls) -> None:
+    """Refuse secure aggregation (``secure.*``, :mod:`fedlora.engine.flower_secure`) for a method or setting that
+    needs each client's update."""
+    if not cfg.secure.aggregation:
+        return
+    if not method_cls.accepts_server_optimizer:
+        raise ConfigError(f"secure.aggregation = true: method {cfg.method!r} needs each client's update on the "
+                          f"server ({method_cls.own_server_step or 'its aggregate is not an average of the uploads'}),"
+                          f" which secure aggregation hides; it works with: {', '.join(secure_methods())}")
+    r = cfg.robust
+    if r.aggregation != "mean" or r.norm_bound > 0:
+        raise ConfigError(f"secure.aggregation = true hides each client's update, so robust.aggregation = "
+                          f"{r.aggregation!r} / robust.norm_bound = {r.norm_bound} cannot apply (they need every update)")
+
+
 def _check_method_options(cfg: ExperimentConfig, method_cls) -> None:
     if not method_cls.averages_tensors and not robust_is_plain(cfg.robust):  # the wrapper needs an average
         r = cfg.robust
@@ -110,6 +131,7 @@ def _check_method_options(cfg: ExperimentConfig, method_cls) -> None:
     if cfg.train.gradient_checkpointing and method_cls.needs_memory_model:
         raise ConfigError(f"train.gradient_checkpointing cannot be used with method {cfg.method!r}: its memory model "
                           f"(layer costs against the clients' budgets) assumes stored activations")
+    check_secure(cfg, method_cls)
     method_cls.check_config(cfg)
 
 
@@ -130,6 +152,7 @@ def prepare(cfg: ExperimentConfig, plan_dp: bool = True) -> Prepared:
         for k, rows in enumerate(parts):
             tr, va = split_local(rows, cfg.clients.val_fraction, cfg.seed, k)
             clients.append(ClientData(tr, _capped(va, cfg.eval.max_client_examples, cfg.seed, k)))
+    check_attack(cfg.attack, len(clients), task)
     configs = client_rank_configs(cfg.lora, len(clients), cfg.seed)
     if len(configs) != len(clients):
         raise ConfigError(f"lora.client_ranks has {len(configs)} entries but there are {len(clients)} clients")

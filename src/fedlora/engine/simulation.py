@@ -21,6 +21,7 @@ from fedlora.engine.client_round import RoundUpdates, client_work, receive_uploa
 from fedlora.engine.prepare import ClientData, Prepared, prepare, sample_clients  # noqa: F401  (public names)
 from fedlora.engine.loop import RunResult  # noqa: F401
 from fedlora.engine.rundir import fault_point
+from fedlora.errors import ConfigError
 from fedlora.engine.runtime import Engine, build_engine  # noqa: F401
 from fedlora.memory import release_freed_memory
 
@@ -29,6 +30,10 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, pro
                    log=print, resume: bool = False, collect=None) -> RunResult:
     """Run (or, with ``resume=True``, continue from ``out_dir``'s last checkpoint) an experiment in this process;
     ``collect`` replaces :func:`collect_in_process` (the Flower engine passes its own)."""
+    if collect is None and cfg.secure.aggregation:
+        raise ConfigError("secure.aggregation = true runs on the Flower engine (SecAgg+ between a ServerApp and "
+                          "its ClientApps: `flwr run`, docs/deployment.md); the in-process engine has no server to "
+                          "hide the clients' updates from")
     return loop.run_experiment(cfg, out_dir, progress, log, resume, collect=collect or collect_in_process)
 
 
