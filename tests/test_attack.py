@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from fedlora.attack import (check_attack, flip_labels, is_malicious, poison_client_data, poison_update,
+from fedlora.attack import (check_attack, client_examples, flip_labels, is_malicious, poison_update,
                             update_poisoner)
 from fedlora.config import load_config
 from fedlora.data.tasks import Examples
@@ -86,9 +86,9 @@ def test_label_flip_maps_y_to_L_minus_1_minus_y_for_the_malicious_clients_only()
     assert ex.labels.tolist() == [0, 1, 2]  # the honest copy is untouched
     binary = Examples([[1], [2]], None, torch.tensor([0, 1]), 0)
     cfg = load_config(None, ['attack.kind="label_flip"', "attack.clients=[1]"]).attack
-    out = poison_client_data(cfg, [binary, binary], 2)
-    assert out[0].labels.tolist() == [0, 1] and out[1].labels.tolist() == [1, 0]
-    assert out[1].input_ids == binary.input_ids
+    out = [client_examples(cfg, [binary, binary], k, 2) for k in (0, 1)]
+    assert out[0] is binary and out[1].labels.tolist() == [1, 0]
+    assert out[1].input_ids == binary.input_ids and binary.labels.tolist() == [0, 1]  # the engine's copy stays clean
 
 
 @pytest.mark.parametrize("overrides, match", [

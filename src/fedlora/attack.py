@@ -9,9 +9,9 @@ would upload):
 * ``sign_flip`` — ``sent − Δ``: the update reversed, at its own norm (Damaskinos et al., 2018; Li et al., RSA 2019);
 * ``gaussian`` — ``sent + g·‖Δ‖/‖g‖`` with ``g ~ N(0, I)`` over all its uploaded tensors together: garbage of the
   right shape and norm, which a norm bound cannot tell from an honest update (Blanchard et al., NeurIPS 2017);
-* ``label_flip`` — it trains honestly on labels ``y → L−1−y`` (for SST-2, positive ↔ negative) and uploads what it
-  trained (Tolpegin et al., ESORICS 2020; Fang et al., USENIX Security 2020): a data-poisoning client that follows
-  the protocol.
+* ``label_flip`` — it trains honestly on labels ``y → L−1−y`` (for SST-2, positive ↔ negative; with an odd number
+  of classes the middle one stays, e.g. MNLI's neutral) and uploads what it trained (Tolpegin et al., ESORICS 2020;
+  Fang et al., USENIX Security 2020): a data-poisoning client that follows the protocol.
 
 The update attacks act on the client's upload before it is encoded, so the server sees exactly what a malicious
 participant would send; the robust rules (:mod:`fedlora.robust`) and upload checks then run as for anyone.  The
@@ -86,8 +86,10 @@ def flip_labels(examples, num_labels: int):
     return dataclasses.replace(examples, labels=(num_labels - 1) - examples.labels)
 
 
-def poison_client_data(attack, client_train: list, num_labels: int) -> list:
-    """Each client's training examples, with labels flipped for the malicious ones under ``label_flip``."""
-    if attack is None or attack.kind != "label_flip":
-        return client_train
-    return [flip_labels(ex, num_labels) if k in attack.clients else ex for k, ex in enumerate(client_train)]
+def client_examples(attack, client_train: list, client_id: int, num_labels: int):
+    """The training examples client ``client_id`` trains on: its own, with labels flipped when it is malicious under
+    ``label_flip`` (a copy: the engine's examples, which a server-held sample may draw from, stay clean)."""
+    examples = client_train[client_id]
+    if attack is not None and attack.kind == "label_flip" and client_id in attack.clients:
+        return flip_labels(examples, num_labels)
+    return examples

@@ -182,7 +182,8 @@ class TrackConfig:
 class AttackConfig:
     kind: str = _f("none", "Simulation only: what the clients in attack.clients do. 'scale' (send sent + s*update, "
                    "s = attack.scale), 'sign_flip' (sent - update), 'gaussian' (Gaussian noise with the update's shape "
-                   "and L2 norm), 'label_flip' (train honestly on labels y -> L-1-y); 'none' = every client honest.",
+                   "and L2 norm), 'label_flip' (train honestly on labels y -> L-1-y; with an odd number of classes the "
+                   "middle one stays); 'none' = every client honest.",
                    choices=("none", "scale", "sign_flip", "gaussian", "label_flip"))
     clients: list = _f([], "Client ids (0-based) that are malicious under attack.kind (at least one must stay "
                        "honest).")
@@ -213,14 +214,16 @@ class SecureConfig:
                                          "client needs, so it bounds the dropouts a round survives.")
     clipping_range: float = _f(8.0, "SecAgg+: uploaded values are quantised on [-c, c]; a client whose upload has a "
                                "larger value fails its round instead of being clipped silently.")
-    quantization_bits: int = _f(22, "SecAgg+: values are quantised to 2**bits levels on [-c, c] (the error of the "
-                                "sum is at most clients * 2c / 2**bits / total weight per coordinate).")
+    quantization_bits: int = _f(22, "SecAgg+: values are quantised to 2**bits levels on [-c, c] (each coordinate of "
+                                "the average is off by about K * 2c / 2**bits / R for K clients, R = sum of their "
+                                "examples / the largest client's).")
 
     def check(self) -> None:
-        need(self.num_shares > 2 or 0 < self.num_shares <= 1, "secure.num_shares", self.num_shares,
-             "a fraction in (0, 1] or a count > 2")
-        need(self.reconstruction_threshold >= 2 or 0 < self.reconstruction_threshold <= 1,
-             "secure.reconstruction_threshold", self.reconstruction_threshold, "a fraction in (0, 1] or a count >= 2")
+        need((self.num_shares > 2 and float(self.num_shares).is_integer()) or 0 < self.num_shares <= 1,
+             "secure.num_shares", self.num_shares, "a fraction in (0, 1] or a whole count > 2")
+        need((self.reconstruction_threshold >= 2 and float(self.reconstruction_threshold).is_integer())
+             or 0 < self.reconstruction_threshold <= 1, "secure.reconstruction_threshold",
+             self.reconstruction_threshold, "a fraction in (0, 1] or a whole count >= 2")
         if self.num_shares > 2 and self.reconstruction_threshold >= 2:
             need(self.reconstruction_threshold < self.num_shares, "secure.reconstruction_threshold",
                  self.reconstruction_threshold, f"less than secure.num_shares ({self.num_shares})")

@@ -40,7 +40,8 @@ def _max_diff(a: Path, b: Path) -> float:
 
 @pytest.mark.parametrize("overrides, match", [
     (["method=flexlora"], "method 'flexlora' needs each client's update"),
-    (["method=hetlora"], "it works with: fedit, fedsa, fedsb, ffa, rolora"),
+    (["method=hetlora"], "it works with: fedit, fedsa, ffa, rolora"),
+    (["method=fedsb"], "method 'fedsb' needs each client's update"),  # it drops restarted clients' cores
     (["robust.aggregation=median"], "robust.aggregation = 'median'"),
     (["robust.norm_bound=1.0"], "robust.norm_bound = 1.0"),
 ])
@@ -58,6 +59,7 @@ def test_the_in_process_engine_refuses_secure_aggregation(tmp_path):
 
 @pytest.mark.parametrize("overrides, match", [
     (["secure.num_shares=2"], "secure.num_shares must be a fraction"),
+    (["secure.num_shares=3.5"], "a whole count > 2"),
     (["secure.reconstruction_threshold=1.5"], "secure.reconstruction_threshold must be"),
     (["secure.num_shares=5", "secure.reconstruction_threshold=5"], "less than secure.num_shares"),
     (["secure.clipping_range=0"], "secure.clipping_range must be a positive"),
@@ -74,16 +76,109 @@ def test_secure_settings_without_secure_aggregation_are_ignored_settings():
 
 
 def test_a_client_value_beyond_the_clipping_range_fails_instead_of_being_clipped():
+    """The mod clips value · n / max_weight to ±c: such a client fails its round, with a reason that says nothing of
+    its values (the text reaches the server), as does one with more examples than the server planned for."""
     from fedlora import wire
     from fedlora.config import to_toml
 
     config = to_toml(load_config(None, ["secure.aggregation=true", "secure.clipping_range=2"]))
     text = json.dumps({"client_id": 0, "num_examples": 5, "metrics": {}, "report": {}})
-    ok = flower_secure.secure_content(wire.encode({"b": torch.ones(3), "a": torch.full((2, 2), -1.5)}), text, config)
+    ok = flower_secure.secure_content(wire.encode({"b": torch.ones(3), "a": torch.full((2, 2), -3.0)}), text,
+                                      config, max_weight=10.0)  # weighted: 3 * 5/10 = 1.5 <= 2
     assert ok.metric_records["fitres.num_examples"]["num_examples"] == 5
     assert [a.numpy().shape for a in ok.array_records["fitres.parameters"].values()] == [(2, 2), (3,)]  # key order
-    with pytest.raises(ValueError, match="beyond secure.clipping_range = 2.0"):
-        flower_secure.secure_content(wire.encode({"a": torch.full((2, 2), 2.5)}), text, config)
+    with pytest.raises(ValueError, match=r"beyond secure.clipping_range = 2.0[^0-9]*$"):
+        flower_secure.secure_content(wire.encode({"a": torch.full((2, 2), 4.5)}), text, config, max_weight=10.0)
+    with pytest.raises(ValueError, match="more examples than the server planned"):
+        flower_secure.secure_content(wire.encode({"a": torch.ones(2)}), text, config, max_weight=4.0)
+
+
+def test_a_secure_only_node_refuses_to_upload_in_the_clear():
+    flower_secure.refuse_plain_training({"partition-id": 0})
+    with pytest.raises(PermissionError, match="secure-only"):
+        flower_secure.refuse_plain_training({"secure-only": "true"})
+
+
+class _FakeGrid:
+    """A SecAgg+ federation in this process: Flower's own secaggplus_mod on each node, uploads ``x[node]`` with
+    ``n[node]`` examples; ``drop = {node: stage}`` makes a node stop answering from that stage on."""
+
+    STAGES = ["setup", "share_keys", "collect_masked_vectors", "unmask"]
+
+    def __init__(self, x: dict, n: dict, drop: dict):
+        from flwr.app import Context, RecordDict
+
+        self.x, self.n, self.drop, self.unmask_requests = x, n, drop, []
+        self.ctx = {k: Context(run_id=0, node_id=k, node_config={}, state=RecordDict(), run_config={}) for k in x}
+
+    def _reply(self, msg):
+        import copy
+
+        from flwr.app import Message
+        from flwr.client.mod import secaggplus_mod
+        from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+        from flwr.compat.common import recorddict_compat as compat
+
+        def train(m, c):
+            res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([self.x[c.node_id]]), self.n[c.node_id], {})
+            return Message(compat.fitres_to_recorddict(res, False), reply_to=m)
+
+        return secaggplus_mod(copy.deepcopy(msg), self.ctx[msg.metadata.dst_node_id], train)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import Message
+        from flwr.common import Error
+
+        out = []
+        for i, m in enumerate(messages):
+            node = m.metadata.dst_node_id
+            m.metadata.__dict__["_message_id"] = f"{node}-{len(self.unmask_requests)}-{i}-{id(m)}"
+            stage = m.content.config_records["secaggplus_configs"]["stage"]
+            if stage == "unmask":
+                rec = m.content.config_records["secaggplus_configs"]
+                self.unmask_requests.append((set(rec["active_nids"]), set(rec["dead_nids"])))
+            if node in self.drop and self.STAGES.index(stage) >= self.STAGES.index(self.drop[node]):
+                out.append(Message(Error(code=0, reason="gone"), reply_to=m))
+                continue
+            out.append(Message(self._reply(m).content, reply_to=m))
+        return out
+
+
+@pytest.mark.parametrize("drop", [{}, {3: "collect_masked_vectors"}, {4: "share_keys", 3: "collect_masked_vectors"},
+                                  {4: "setup", 3: "collect_masked_vectors"}, {2: "setup"}],
+                         ids=["none", "one-while-training", "keys-and-training", "setup-and-training", "at-setup"])
+def test_the_secure_sum_is_the_survivors_weighted_average_whatever_drops_when(monkeypatch, drop):
+    """Flower's real SecAgg+ mod on four in-process nodes (weights 10/30/20/40): with clients gone at different stages
+    of one round the unmasked result is the weighted average of those that uploaded, within the quantisation bound,
+    and no client is ever asked for the shares of both its mask seed and its pairwise key."""
+    import types
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    x = {1: np.array([1.0, -2.0, 0.5]), 2: np.array([0.25, 0.75, -1.0]), 3: np.array([3.0, 3.0, 3.0]),
+         4: np.array([-3.0, 1.0, 2.0])}
+    n = {1: 10, 2: 30, 3: 20, 4: 40}
+    grid = _FakeGrid(x, n, drop)
+    secure = types.SimpleNamespace(num_shares=1.0, reconstruction_threshold=0.5, clipping_range=8.0,
+                                   quantization_bits=22)
+    record = flower_secure.run_secure_round(grid, 1, {k: {"x": 1} for k in x}, secure, max_weight=40.0, timeout=None)
+    alive = [k for k in x if k not in drop]
+    assert sorted(record.contributors) == alive
+    expected = sum(n[k] * x[k] for k in alive) / sum(n[k] for k in alive)
+    bound = len(alive) * 16 / 2 ** 22 / (sum(n[k] for k in alive) / 40)
+    assert np.abs(record.average[0] - expected).max() <= bound
+    asked_seed = set().union(*(a for a, _ in grid.unmask_requests))
+    asked_key = set().union(*(d for _, d in grid.unmask_requests))
+    assert not asked_seed & asked_key
+    assert asked_key == {k for k, stage in drop.items() if stage == "collect_masked_vectors"}
+
+
+def test_a_round_too_large_for_the_modulus_is_refused():
+    flower_secure.check_round_size(1023, 22)
+    with pytest.raises(ConfigError, match="fewer than 1024 clients"):
+        flower_secure.check_round_size(1024, 22)
 
 
 # ---------------------------------------------------------------------------------------------- simulation runtime

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from fedlora import wire
 from fedlora.adapters import Adapter
-from fedlora.attack import update_poisoner
+from fedlora.attack import client_examples, update_poisoner
 from fedlora.client import train_client
 from fedlora.engine.runtime import Engine
 from fedlora.errors import UpdateError
@@ -57,7 +57,8 @@ def start_client(eng: Engine, plan: ClientPlan, t: int, method: Method, kept: di
     ranks = eng.spec.ranks_of(plan)
     slots = eng.pool.slots(ranks)
     seed = plan.config.get("init_seed")
-    examples = eng.client_train[plan.client_id]
+    examples = client_examples(eng.prepared.cfg.attack, eng.client_train, plan.client_id,
+                               getattr(task, "num_labels", 0))  # a label flipper's own copy, flipped
     ctx = ClientContext(eng.model, slots, examples, task.loss, eng.prepared.cfg.train, eng.spec, t, eng.prepared.cfg.seed,
                         start=lambda: eng.initial_for(ranks, seed))
     plan, report = method.prepare_client(ctx, plan)

@@ -232,14 +232,15 @@ def client_train(msg, context):
     deployment loads the base model once per node rather than once per message."""
     from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
-    from fedlora.engine.flower_secure import is_secure_train, secure_args, secure_reply
+    from fedlora.engine.flower_secure import is_secure_train, refuse_plain_training, secure_args, secure_reply
 
     secure = is_secure_train(msg)
     if secure:  # SecAgg+'s training stage: the plan is the FitIns config (fedlora.engine.flower_secure)
-        config, plan, t, download, memory, merge = secure_args(msg)
+        config, plan, t, download, memory, merge, max_weight = secure_args(msg)
         args = (config, context.node_config.get("data-dir"), plan, t, download,
                 int(context.node_config.get("partition-id", -1)), memory, merge)
     else:
+        refuse_plain_training(context.node_config)
         rec = msg.content["plan"]
         args = (str(rec["config"]), context.node_config.get("data-dir"), str(rec["json"]), int(rec["round"]),
                 msg.content["download"]["tensors"].data, int(context.node_config.get("partition-id", -1)),
@@ -257,7 +258,7 @@ def client_train(msg, context):
         blob, update_text, state = local_round(*args, state)
     context.state["fedlora"] = ArrayRecord({"base": bytes_array(state)})  # Flower keeps it for this node
     if secure:
-        return secure_reply(msg, blob, update_text, args[0])
+        return secure_reply(msg, blob, update_text, args[0], max_weight)
     return Message(RecordDict({"upload": ArrayRecord({"tensors": bytes_array(blob)}),
                                "update": ConfigRecord({"json": update_text})}), reply_to=msg)
 

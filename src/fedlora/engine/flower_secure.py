@@ -5,31 +5,37 @@ dropout-robust secure sum of Bonawitz et al., CCS 2017, over a sparse neighbour 
 A round has the protocol's four stages: keys are agreed (setup, share keys), every client trains and uploads its
 tensors quantised, weighted by its number of examples and masked (collect masked vectors), and the survivors send the
 shares that remove the masks of the sum (unmask).  What reaches the ServerApp of a client's tensors is one vector of
-integers modulo 2**32 that looks uniformly random; only their sum is ever unmasked, so the server learns the
-data-weighted average of the uploads and nothing about any one of them.  Each client's number of examples and its
-training report (DP-SGD steps, for the privacy accountant) still travel in the clear, as in FitRes.
+integers modulo 2**32 that looks uniformly random; only their sum is ever unmasked, so an honest-but-curious server
+learns the data-weighted average of the uploads and nothing about any one of them.  In the clear, as in FitRes: each
+client's number of examples, its training report (DP-SGD steps, for the privacy accountant; no loss under DP), the
+reason a failed client gives (worded to say nothing of its values), and a personalised method's per-client score.
+A node started with ``secure-only=true`` refuses a plain train message, so the node enforces what the server promises.
 
-Only methods whose aggregate *is* the data-weighted average of what clients upload can work this way
-(``Method.accepts_server_optimizer``: FedIT, FFA-LoRA, FedSA-LoRA, RoLoRA, Fed-SB); the others need each client's
-factors (FlexLoRA's products, HetLoRA's norms, FLoRA's stacks, FedEx-LoRA's residual, Fed-piLot's layers) and are
-refused before any work (:func:`fedlora.engine.prepare.check_secure`), as are robust rules (a median or a norm bound
-needs each update).
+Only methods whose aggregate is the data-weighted average of what clients upload and nothing more
+(``Method.secure_aggregation``: FedIT, FFA-LoRA, FedSA-LoRA, RoLoRA) can work this way; the others need each client's
+update (FlexLoRA's products, HetLoRA's norms, FLoRA's stacks, FedEx-LoRA's residual, Fed-piLot's layers, Fed-SB's
+dropping of restarted clients' cores) and are refused before any work (:func:`fedlora.engine.prepare.check_secure`),
+as are robust rules (a median or a norm bound needs each update).
 
 Where we differ from Flower's workflow as shipped:
 
-* a client whose node is gone before its key shares went out (setup or share-keys stage) is taken out of the round:
-  nobody masks with it, so nothing of it needs unmasking (Bonawitz et al.'s users that drop before round 2).  Flower
-  1.41 would still ask the others for shares of its secret, which nobody holds, and halt the round.  A client that
-  drops later, while training, is what SecAgg+ recovers from: its neighbours' shares remove its pairwise masks.
+* a client whose node is gone before its key shares went out (setup or share-keys stage) is taken out of the round
+  and out of every neighbourhood: nobody masks with it, so nothing of it needs unmasking (Bonawitz et al.'s users that
+  drop before round 2).  Flower 1.41 would still ask the others for shares of its secret, which nobody holds, and halt
+  the round.  A client that drops later, while training, is what SecAgg+ recovers from: its neighbours' shares remove
+  its pairwise masks.  (Any mix of the two in one round gives the survivors' average: tested on four in-process
+  nodes running Flower's mod.)
 * the server then hands the method one copy of the unmasked average per surviving client (with its own number of
   examples and report), so the method's own average, the server optimiser, the accountant and the metrics run
   unchanged: the average of equal tensors is that tensor.
 
-Quantisation error: a client's weighted values are stochastically rounded to steps of ``2c / 2**bits`` (``c =
-secure.clipping_range``), so each coordinate of the average is off by less than ``K · 2c / 2**bits / R`` with ``K``
-clients and ``R = Σ_k n_k / max_k n_k`` (3.8e-6 for three equal clients at the defaults).  A client whose upload holds
-a value beyond ``±c`` fails its round with a clear error rather than being clipped.  The masked integers travel in
-Flower's NumPy encoding (``np.save`` with ``allow_pickle=False``): the protocol's own wire format, still no pickle.
+Quantisation error: a client's values, times its weight ``n_k / max n``, are stochastically rounded to steps of
+``2c / 2**bits`` (``c = secure.clipping_range``), and the weights to ``2**-bits``; each coordinate of the average is
+then off by about ``K · 2c / 2**bits / R`` at most, with ``K`` clients and ``R = Σ_k n_k / max_k n_k`` (3.8e-6 for
+three equal clients at the defaults; the weights' rounding adds a relative ``2**-bits``).  A client whose weighted
+upload holds a value beyond ``±c``, or that has more examples than the server planned for, fails its round rather
+than being clipped.  The masked integers travel in Flower's NumPy encoding (``np.save`` with ``allow_pickle=False``):
+the protocol's own wire format, still no pickle.  ``round-timeout`` bounds each of the four exchanges.
 """
 from __future__ import annotations
 
@@ -140,14 +146,22 @@ def _workflow_class():
         """Flower's SecAgg+ workflow, with the clients that left before their key shares went out taken out of the
         round (module docstring)."""
 
+        @staticmethod
+        def _keep_only_live(state) -> None:
+            # nobody masks with a client whose keys or shares never came: out of the round, and out of every
+            # neighbourhood (else unmasking a later dropout would remove masks that were never added)
+            state.sampled_node_ids = set(state.active_node_ids)
+            for nid, neighbours in state.nid_to_neighbours.items():
+                neighbours &= state.sampled_node_ids | {nid}
+
         def setup_stage(self, grid, context, state) -> bool:
             ok = super().setup_stage(grid, context, state)
-            state.sampled_node_ids = set(state.active_node_ids)  # no keys from the others: they are not in it
+            self._keep_only_live(state)
             return ok
 
         def share_keys_stage(self, grid, context, state) -> bool:
             ok = super().share_keys_stage(grid, context, state)
-            state.sampled_node_ids = set(state.active_node_ids)  # nobody masks with a client whose shares never came
+            self._keep_only_live(state)
             return ok
 
     return Workflow
@@ -177,6 +191,14 @@ def run_secure_round(grid, t: int, instructions: dict[int, dict], secure, max_we
     workflow(_RecordingGrid(grid, record), context)
     record.received.append({"stage": "done", "seconds": time.perf_counter() - started})
     return record
+
+
+def check_round_size(clients: int, bits: int) -> None:
+    """The masked sum lives modulo 2**32 and each client adds values (and a weight) of up to 2**bits: fewer than
+    2**(32 - bits) clients may share a round."""
+    if clients >= 2 ** (32 - bits):
+        raise ConfigError(f"secure.quantization_bits = {bits} lets fewer than {2 ** (32 - bits)} clients share a "
+                          f"round modulo 2**32; this round has {clients}")
 
 
 def collect_secure(rnd, t, plans, eng, accountant, method, stream):
@@ -212,14 +234,13 @@ def collect_secure(rnd, t, plans, eng, accountant, method, stream):
         instructions[node] = {"plan": plan_to_text(plan), "round": t, "config": rnd.config_text,
                               "memory": memory_to_text(eng.spec), "download": payload, "merge": merge}
         by_node[node] = plan
-    if len(instructions) > 2 ** (32 - cfg.secure.quantization_bits):
-        raise ConfigError(f"secure.quantization_bits = {cfg.secure.quantization_bits} lets at most "
-                          f"{2 ** (32 - cfg.secure.quantization_bits)} clients share a round modulo 2**32; "
-                          f"this round has {len(instructions)}")
+    max_weight = float(max((len(eng.prepared.clients[p.client_id].train_rows) for p in by_node.values()), default=1))
+    for values in instructions.values():
+        values["max-weight"] = max_weight  # a client with more examples refuses: its weight would exceed 1
+    check_round_size(len(instructions), cfg.secure.quantization_bits)
     needed = max(rnd.min_replies or len(plans), 2)
     record = SecureRound()
     if len(instructions) >= 2:
-        max_weight = float(max(len(eng.prepared.clients[p.client_id].train_rows) for p in by_node.values()))
         record = run_secure_round(rnd.grid, t, instructions, cfg.secure, max_weight, rnd.round_timeout or None)
     else:
         record.failures.append("secure aggregation needs at least 2 clients in a round")
@@ -242,7 +263,7 @@ def collect_secure(rnd, t, plans, eng, accountant, method, stream):
         return out
     dtype = {k: v.dtype for k, v in eng.template_for(eng.spec.ranks_of(plans[0])).to_flat().items()}
     average = {k: torch.from_numpy(np.ascontiguousarray(a)).to(dtype.get(k, torch.float32)).reshape(keys[k])
-               for k, a in zip(sorted(keys), record.average)}
+               for k, a in zip(sorted(keys), record.average, strict=True)}
     blob = wire.encode(average)
     for plan in plans:  # plan order, as in the plain engine
         if plan.client_id in contributors:
@@ -267,28 +288,40 @@ def secure_mod(msg, context, call_next):
     return call_next(msg, context)
 
 
+def refuse_plain_training(node_config) -> None:
+    """A node started with ``--node-config "secure-only=true"`` trains only inside SecAgg+: a plain train message (a
+    server that asks for an update in the clear) is refused, so the node's side enforces what the server promises."""
+    if str(node_config.get("secure-only", "")).lower() in ("true", "1"):
+        raise PermissionError("this SuperNode is secure-only (node config secure-only=true): it uploads only inside "
+                              "SecAgg+, and this train message asked for an update in the clear")
+
+
 def is_secure_train(msg) -> bool:
     """True for the SecAgg+ stage that trains (its FitIns carries the plan)."""
     return "fitins.config" in msg.content.config_records
 
 
-def secure_args(msg) -> tuple[str, str, int, bytes, str, bytes]:
-    """(config, plan JSON, round, download, memory, merge) of a secure train message."""
+def secure_args(msg) -> tuple[str, str, int, bytes, str, bytes, float]:
+    """(config, plan JSON, round, download, memory, merge, max weight) of a secure train message."""
     rec = msg.content.config_records["fitins.config"]
     return (str(rec["config"]), str(rec["plan"]), int(rec["round"]), bytes(rec["download"]), str(rec["memory"]),
-            bytes(rec["merge"]))
+            bytes(rec["merge"]), float(rec["max-weight"]))
 
 
-def secure_reply(msg, blob: bytes, update_text: str, config_text: str):
+def secure_reply(msg, blob: bytes, update_text: str, config_text: str, max_weight: float):
     """The reply to a secure train message: :func:`secure_content`, which the SecAgg+ mod then masks."""
     from flwr.app import Message
 
-    return Message(secure_content(blob, update_text, config_text), reply_to=msg)
+    return Message(secure_content(blob, update_text, config_text, max_weight), reply_to=msg)
 
 
-def secure_content(blob: bytes, update_text: str, config_text: str):
-    """The FitRes the SecAgg+ mod masks: the upload's tensors in key order (checked against the clipping range)
-    and the client's number of examples; its report rides in the metrics, as FitRes metrics do."""
+def secure_content(blob: bytes, update_text: str, config_text: str, max_weight: float):
+    """The FitRes the SecAgg+ mod masks: the upload's tensors in key order and the client's number of examples; its
+    report rides in the metrics, as FitRes metrics do.  The mod clips ``value · n / max_weight`` to ``±c``: a client
+    whose weight would exceed 1 or whose weighted values would be clipped fails its round instead, with a reason that
+    says nothing about its values (the exception text reaches the server; the values are logged on the node only)."""
+    import logging
+
     import numpy as np
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
     from flwr.compat.common import recorddict_compat as compat
@@ -297,12 +330,17 @@ def secure_content(blob: bytes, update_text: str, config_text: str):
     from fedlora.config import from_toml
 
     c = from_toml(config_text, where="the server's config").secure.clipping_range
+    n = int(json.loads(update_text)["num_examples"])
+    if n > max_weight:
+        raise ValueError(f"this client has more examples than the server planned for (max-weight {max_weight:g}): "
+                         f"its SecAgg+ weight would exceed 1")
     tensors = wire.decode(blob)
     arrays = [tensors[k].double().numpy() for k in sorted(tensors)]
     worst = max((float(np.abs(a).max()) for a in arrays if a.size), default=0.0)
-    if worst > c:
-        raise ValueError(f"an uploaded value is {worst:.3g}, beyond secure.clipping_range = {c}: SecAgg+ would "
-                         f"clip it; raise secure.clipping_range")
-    n = int(json.loads(update_text)["num_examples"])
+    if worst * n / max_weight > c:
+        logging.getLogger("fedlora").warning("secure aggregation: largest weighted upload value %.3g > %g",
+                                             worst * n / max_weight, c)
+        raise ValueError(f"an uploaded value is beyond secure.clipping_range = {c}, where SecAgg+ would clip it: "
+                         f"raise secure.clipping_range")
     res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), n, {"update": update_text})
     return compat.fitres_to_recorddict(res, False)

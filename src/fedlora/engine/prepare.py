@@ -98,8 +98,9 @@ def _server_optimizer_methods() -> list[str]:
 
 
 def secure_methods() -> list[str]:
-    """The registered methods whose aggregate is the data-weighted average of the uploads."""
-    return [n for n in available_methods() if get_method(n).accepts_server_optimizer]
+    """The registered methods whose aggregate is the data-weighted average of the uploads and nothing more
+    (``Method.secure_aggregation``; Fed-SB is not: it drops restarted clients' cores, which a sum cannot)."""
+    return [n for n in available_methods() if get_method(n).secure_aggregation]
 
 
 def check_secure(cfg, method_cls) -> None:
@@ -107,10 +108,11 @@ def check_secure(cfg, method_cls) -> None:
     needs each client's update."""
     if not cfg.secure.aggregation:
         return
-    if not method_cls.accepts_server_optimizer:
+    if not method_cls.secure_aggregation:
+        why = method_cls.own_server_step or "its aggregate reads more than the average of the uploads"
         raise ConfigError(f"secure.aggregation = true: method {cfg.method!r} needs each client's update on the "
-                          f"server ({method_cls.own_server_step or 'its aggregate is not an average of the uploads'}),"
-                          f" which secure aggregation hides; it works with: {', '.join(secure_methods())}")
+                          f"server ({why}), which secure aggregation hides; it works with: "
+                          f"{', '.join(secure_methods())}")
     r = cfg.robust
     if r.aggregation != "mean" or r.norm_bound > 0:
         raise ConfigError(f"secure.aggregation = true hides each client's update, so robust.aggregation = "

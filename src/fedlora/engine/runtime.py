@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fedlora.adapters import Adapter, LoraModule
-from fedlora.attack import poison_client_data
 from fedlora.client import fast_bf16
 from fedlora.engine.prepare import Prepared
 from fedlora.errors import ConfigError
@@ -116,9 +115,8 @@ def build_engine(prepared: Prepared, log=print) -> Engine:
         log("warning: train.precision = bf16 on a CPU without AVX512-BF16 or AMX: its bfloat16 matmuls are emulated "
             "and much slower than fp32 (30x on the demo, docs/benchmarks.md)")
     client_train, client_val, global_val = task.client_examples(tokenizer, prepared, cfg.model.max_length)
-    if cfg.attack.kind != "none":
+    if cfg.attack.kind != "none":  # the clients' side applies it (fedlora.attack, engine.client_round.start_client)
         log(f"attack (simulation): client(s) {', '.join(map(str, cfg.attack.clients))} are malicious: {cfg.attack.kind}")
-        client_train = poison_client_data(cfg.attack, client_train, getattr(task, "num_labels", 0))
     base = BaseWeights(model, WeightFile.of_model(resolve_model_path(cfg.model.name, cfg.model)))
     return Engine(prepared, tokenizer, model, pool, base, spec, task_type, client_train, client_val, global_val)
 

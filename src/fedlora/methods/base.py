@@ -95,6 +95,9 @@ class Method(ABC):
     accepts_server_optimizer: ClassVar[bool] = False
     """True when the aggregate is :func:`average_uploaded` (an average of uploaded tensors), so ``server.optimizer``
     can step along it; methods with their own server rule refuse ``server.*`` (see the engine's option check)."""
+    secure_aggregation: ClassVar[bool] = False
+    """True when the aggregate is the data-weighted average of the uploads and nothing else of any one update, so the
+    server can work from their secure sum alone (``secure.aggregation``, :mod:`fedlora.engine.flower_secure`)."""
     own_server_step: ClassVar[str] = ""
     """Where a method without ``accepts_server_optimizer`` has its own server step, said in the refusal."""
     needs_memory_model: ClassVar[bool] = False

@@ -16,6 +16,7 @@ class FedIT(Method):
     name = "fedit"
     summary = "FedAvg of both LoRA factors (and the head) with data-size weights; homogeneous rank."
     accepts_server_optimizer = True
+    secure_aggregation = True
     citation = "Zhang et al., Towards Building the Federated GPT: Federated Instruction Tuning, 2023"
 
     def configure(self, round_idx: int, state: ServerState, client_ids: list[int]) -> list[ClientPlan]:

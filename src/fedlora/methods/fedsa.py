@@ -44,6 +44,7 @@ class FedSALoRA(Method):
                "on each client's own validation rows).")
     citation = "Guo et al., Selective Aggregation for Low-Rank Adaptation in Federated Learning, ICLR 2025"
     accepts_server_optimizer = True
+    secure_aggregation = True
 
     @classmethod
     def check_config(cls, cfg) -> None:

@@ -43,6 +43,7 @@ class FFALoRA(Method):
     name = "ffa"
     summary = "FFA-LoRA: A frozen from a shared seed and never sent; only B (and the head) trained and averaged."
     accepts_server_optimizer = True
+    secure_aggregation = True
     citation = "Sun et al., Improving LoRA in Privacy-preserving Federated Learning, ICLR 2024"
 
     def configure(self, round_idx: int, state: ServerState, client_ids: list[int]) -> list[ClientPlan]:

@@ -40,6 +40,7 @@ class RoLoRA(Method):
                "uploaded per round.")
     citation = "Chen et al., Robust Federated Finetuning of LLMs via Alternating Optimization of LoRA, NeurIPS 2025"
     accepts_server_optimizer = True
+    secure_aggregation = True
 
     def configure(self, round_idx: int, state: ServerState, client_ids: list[int]) -> list[ClientPlan]:
         roles = frozenset({factor_of_round(round_idx)}) | self.head_roles()
