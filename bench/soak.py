@@ -106,9 +106,10 @@ def same_adapter(a: Path, b: Path) -> bool:
 
 def _report(name: str, samples: list[dict]) -> tuple[float, float]:
     rss, spr = slope_per_100(samples, "rss_mb"), slope_per_100(samples, "s_per_round")
-    fds = slope_per_100(samples, "open_files")
+    fds, peak = slope_per_100(samples, "open_files"), slope_per_100(samples, "peak_rss_mb")
     print(f"| {name} | {samples[-1]['round'] if samples else 0} | {samples[0]['rss_mb']:.0f} → {samples[-1]['rss_mb']:.0f} "
-          f"| {rss:+.1f} | {samples[0]['open_files']} → {samples[-1]['open_files']} ({fds:+.1f}) | "
+          f"| {rss:+.1f} | {samples[0]['peak_rss_mb']:.0f} → {samples[-1]['peak_rss_mb']:.0f} ({peak:+.1f}) "
+          f"| {samples[0]['open_files']} → {samples[-1]['open_files']} ({fds:+.1f}) | "
           f"{samples[0]['s_per_round']:.2f} → {samples[-1]['s_per_round']:.2f} ({spr:+.3f}) | "
           f"{max(s['checkpoints'] for s in samples)} |")
     return rss, spr
@@ -139,9 +140,9 @@ def main() -> int:
         flex = watch(["--config", "examples/flexlora_tiny.toml", "--set", f"rounds={args.flexlora_rounds}"],
                      out / "flexlora", args.every)
     print()
-    print("| run | rounds | RSS MB (first → last sample) | RSS slope MB / 100 rounds | open files (slope) | "
-          "s / round (slope per 100 rounds) | checkpoint dirs (max) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| run | rounds | RSS MB (first → last sample) | RSS slope MB / 100 rounds | peak RSS MB (slope) | "
+          "open files (slope) | s / round (slope per 100 rounds) | checkpoint dirs (max) |")
+    print("|---|---|---|---|---|---|---|---|")
     rss, spr = _report("tiny.toml", samples)
     if flex:
         _report("flexlora_tiny.toml", flex)
