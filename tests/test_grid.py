@@ -156,3 +156,34 @@ def test_report_lays_out_a_two_key_grid_and_plots_privacy_spent(tmp_path):
     with open(tmp_path / "summary.csv") as fh:
         eps = {(r["method"], r["clients.partition"], r["dp.epsilon"]): r["max_epsilon"] for r in csv.DictReader(fh)}
     assert float(eps[("ffa", "skew", "3")]) == pytest.approx(3.0) and eps[("ffa", "skew", "inf")] == ""
+
+
+def test_accuracy_plot_joins_the_evaluated_rounds(tmp_path, monkeypatch):
+    """With evaluation every 2nd round, each curve is drawn through the evaluated rounds only (no NaN gaps, no
+    empty-slice warnings from the rounds nobody evaluated)."""
+    import warnings
+
+    import matplotlib.pyplot as plt
+
+    from fedlora.grid import report_compare
+
+    plan = []
+    for seed in (0, 1):
+        cell = Cell("ffa", seed, ())
+        d = tmp_path / "cells" / cell.name
+        d.mkdir(parents=True)
+        (d / "metrics.jsonl").write_text("".join(json.dumps(
+            {"round": r, "accuracy": 0.5 + 0.05 * r + 0.01 * seed if r % 2 == 0 else None}) + "\n" for r in range(1, 7)))
+        (d / "summary.json").write_text(json.dumps({"final_accuracy": 0.8, "total_upload_bytes": 1,
+                                                    "total_download_bytes": 1, "wall_s": 1.0}))
+        plan.append({"cell": cell.name, "method": "ffa", "seed": seed, "grid": {}})
+    (tmp_path / "compare.json").write_text(json.dumps(plan))
+    drawn = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (drawn.append(fig), real_close(fig)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        report_compare(tmp_path)
+    line = drawn[0].axes[0].get_lines()[0]
+    assert list(line.get_xdata()) == [2, 4, 6]
+    assert list(line.get_ydata()) == pytest.approx([0.605, 0.705, 0.805])

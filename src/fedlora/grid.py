@@ -329,7 +329,8 @@ def _plot_compare(results: list[dict], grid_keys: list[str], rows: list[dict], o
         for method, curves in sorted(by_method.items()):
             n = min(len(c) for c in curves)
             a = np.array([[np.nan if v is None else v for v in c[:n]] for c in curves], dtype=float)
-            x = np.arange(1, n + 1)
+            evaluated = ~np.isnan(a).all(axis=0)  # rounds between evaluations have no accuracy in any seed
+            a, x = a[:, evaluated], np.arange(1, n + 1)[evaluated]
             mean, std = np.nanmean(a, axis=0), np.nanstd(a, axis=0)
             ax.plot(x, mean, marker="o", label=f"{method} (n={len(curves)})")
             ax.fill_between(x, mean - std, mean + std, alpha=0.2)
